@@ -1,0 +1,1 @@
+"""Job recipes: each a LightningModule + LightningDataModule and a YAML spec beside it."""

@@ -1,0 +1,123 @@
+"""The `orch` command line; heavy imports (torch, Ray, MLflow) wait until a command needs them."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, SpecError
+
+STARTED_AT = time.time()
+app = typer.Typer(
+    name="orch",
+    help="Train Lightning jobs data-parallel on Ray Train, with every run recorded in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+OverridesArg = typer.Argument(None, help="Dotted overrides typed by the schema, e.g. trainer.max_epochs=5")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's and Lightning's own output too.")
+
+
+def _fail_on_spec_error(exc: SpecError) -> None:
+    for problem in exc.problems:
+        err_console.print(f"[bold red]error:[/] {problem.render()}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True):
+    """spec -> plan, in the driver; the project folder is importable as with `python -m`."""
+    from orchestrator.classpath import check_spec_classes
+    from orchestrator.loader import load_spec
+    from orchestrator.plan import build_plan
+
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    source = str(job)
+    try:
+        spec = load_spec(job, overrides or [])
+        check_spec_classes(spec, source)
+        return spec, build_plan(spec, source, check_fit=check_fit)
+    except SpecError as exc:
+        _fail_on_spec_error(exc)
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="The job spec (YAML)."),
+    overrides: Optional[List[str]] = OverridesArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the plan; start nothing."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Train a job: validate, plan, run on Ray Train, record in MLflow."""
+    spec, plan = _prepare(job, overrides)
+    if dry_run:
+        from orchestrator.report import print_plan
+
+        print_plan(console, spec, plan)
+        console.print("[dim]dry run: nothing was started and no MLflow run was opened.[/]")
+        return
+    from orchestrator.cluster import ClusterUnavailable
+    from orchestrator.launch import submit as launch_submit
+    from orchestrator.report import print_outcome
+    from orchestrator.tracking.run import TrackingUnavailable
+
+    try:
+        outcome = launch_submit(spec, plan, str(job), console, verbose=verbose, started_at=STARTED_AT)
+    except SpecError as exc:
+        _fail_on_spec_error(exc)
+    except (TrackingUnavailable, ClusterUnavailable) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        err_console.print("interrupted before training started; nothing was recorded")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    print_outcome(console, spec, outcome)
+    codes = {"FINISHED": 0, "KILLED": EXIT_INTERRUPTED}
+    raise typer.Exit(codes.get(outcome.status, EXIT_TRAINING_FAILED))
+
+
+@app.command()
+def plan(
+    job: Path = typer.Argument(..., help="The job spec (YAML)."),
+    overrides: Optional[List[str]] = OverridesArg,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show what `submit` would send: resolved spec, workers, resources, parameter counts, memory."""
+    spec, job_plan = _prepare(job, overrides)
+    if as_json:
+        import json
+
+        from orchestrator.launch import ray_configs
+
+        data = job_plan.to_dict() | {"ray": ray_configs(spec, job_plan, f"{spec.name}_<run id>")}
+        print(json.dumps(data, indent=2))
+        return
+    from orchestrator.report import print_plan
+
+    print_plan(console, spec, job_plan)
+
+
+@app.command()
+def ui(
+    run: Optional[str] = typer.Option(None, "--run", help="Print the address of this run's page."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; loopback unless you name another."),
+    port: int = typer.Option(5000, help="Port; the next free one is taken when it is busy."),
+) -> None:
+    """Start the MLflow UI on the same store `submit` writes to."""
+    from orchestrator.tracking.ui import serve_ui
+
+    raise typer.Exit(serve_ui(console, tracking_uri, host, port, run))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,230 @@
+"""The driver: open the MLflow run, run TorchTrainer.fit, follow it live, and close the run with its status."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from orchestrator.plan import Plan
+from orchestrator.spec import JobSpec
+
+
+@dataclass
+class Outcome:
+    status: str  # FINISHED | FAILED | KILLED
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    ui_command: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_tags(spec: JobSpec, plan: Plan, source: str) -> dict[str, str]:
+    from orchestrator.tracking.run import environment_tags
+
+    tags = {
+        **environment_tags(),
+        "orch.world_size": str(plan.world_size),
+        "orch.strategy": plan.strategy,
+        "orch.accelerator": plan.accelerator,
+        "orch.precision": spec.trainer.precision,
+        "orch.spec_file": source,
+        "orch.job_name": spec.name,
+        "mlflow.source.name": "orch submit",
+        **spec.tracking.tags,
+    }
+    return tags
+
+
+def ray_configs(spec: JobSpec, plan: Plan, ray_run_name: str) -> dict[str, Any]:
+    """The Ray Train request as plain data: what `plan` prints is exactly what `submit` sends."""
+    return {
+        "scaling": {
+            "num_workers": plan.world_size,
+            "use_gpu": spec.scaling.use_gpu,
+            "resources_per_worker": plan.resources_per_worker,
+            "placement_strategy": plan.placement,
+        },
+        "run": {"name": ray_run_name, "storage_path": plan.storage_path},
+        "failure": {"max_failures": spec.failure.max_failures},
+        "checkpoint": {
+            "num_to_keep": spec.checkpoint.num_to_keep,
+            "checkpoint_score_attribute": spec.checkpoint.monitor,
+            "checkpoint_score_order": spec.checkpoint.mode,
+        },
+    }
+
+
+def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,
+           started_at: float | None = None) -> Outcome:
+    from orchestrator.cluster import check_cluster_fit, connect, requested_address
+    from orchestrator.tracking.run import RunRecord, check_tracking
+
+    started_at = started_at or time.time()
+    if not verbose:
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    from orchestrator.cluster import disconnect
+
+    check_tracking(plan.tracking_uri)
+    address = requested_address(spec.cluster.address)
+    try:
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
+                      else f"[dim]{time.strftime('%H:%M:%S')}[/] joining the Ray cluster at {address}", highlight=False)
+        connect(address, verbose)
+        if address is not None:
+            check_cluster_fit(source, plan.world_size, plan.resources_per_worker)
+        ray_ready_s = time.time() - started_at
+        record = RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source))
+    except BaseException:
+        disconnect()  # nothing was recorded; leave nothing running either
+        raise
+    outcome = Outcome("RUNNING", record.run_id, record.experiment_id, plan.tracking_uri,
+                      ui_command=ui_command(plan.tracking_uri, record.run_id))
+    try:
+        _record_job(record, spec, plan, f"{spec.name}_{record.run_id}")
+        configs = ray_configs(spec, plan, f"{spec.name}_{record.run_id}")
+        result, timings = _fit(spec, plan, configs, record, console, verbose, started_at)
+        outcome.timings = {"ray_ready_s": ray_ready_s, **timings}
+        _collect(outcome, result, spec)
+        _record_outcome(record, outcome)
+        outcome.status = "FINISHED"
+        record.finish("FINISHED")
+    except KeyboardInterrupt:
+        outcome.status = "KILLED"
+        record.finish("KILLED", "interrupted by the user (Ctrl-C)")
+    except BaseException as exc:
+        outcome.status = "FAILED"
+        outcome.error = _describe_failure(exc)
+        record.finish("FAILED", outcome.error)
+    finally:
+        disconnect()
+    return outcome
+
+
+def ui_command(tracking_uri: str, run_id: str) -> str:
+    from orchestrator.tracking.uri import resolve_tracking_uri
+
+    default = resolve_tracking_uri()
+    extra = "" if tracking_uri == default else f" --tracking-uri '{tracking_uri}'"
+    return f"orch ui --run {run_id}{extra}"
+
+
+def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
+    from orchestrator.tracking.run import flatten
+
+    record.log_params(flatten(spec.model_dump(mode="json")))
+    counts = plan.parameters
+    metrics = {
+        "model/params_total": counts.total,
+        "model/params_trainable": counts.trainable,
+        "model/params_non_trainable": counts.non_trainable,
+        "model/size_bytes": counts.size_bytes,
+        **{f"model/params_by_module/{name}": n for name, n in counts.by_module.items()},
+    }
+    record.log_metrics(metrics)
+    record.set_tags({"orch.ray_run_name": ray_run_name, "orch.storage_path": plan.storage_path})
+    record.log_spec(spec.model_dump(mode="json"))
+    record.log_text(plan.model_summary, "model/summary.txt")
+
+
+def _fit(spec, plan, configs, record, console, verbose, started_at):
+    from orchestrator.progress import ProgressView, create_board
+
+    timings: dict[str, float] = {}
+    with ProgressView(console, spec.name, plan.world_size) as view:
+        view.set_status(f"starting {plan.world_size} workers")
+        board = create_board()
+        trainer = _trainer(spec, configs, record, board, verbose)
+        box: dict[str, Any] = {}
+        thread = threading.Thread(target=_fit_into, args=(trainer, box), name="orch-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            _poll(board, view, timings, started_at)
+        _poll(board, view, timings, started_at)
+    timings["total_s"] = time.time() - started_at
+    if "error" in box:
+        raise box["error"]
+    return box["result"], timings
+
+
+def _poll(board, view, timings, started_at) -> None:
+    import ray
+
+    try:
+        state = ray.get(board.snapshot.remote(), timeout=2)
+    except Exception:  # a slow board must not stop the job; the next poll will catch up
+        return
+    if state.get("first_step_at") and "first_step_s" not in timings:
+        timings["first_step_s"] = state["first_step_at"] - started_at
+    if state:
+        view.update(state)
+
+
+def _fit_into(trainer, box: dict[str, Any]) -> None:
+    try:
+        box["result"] = trainer.fit()
+    except BaseException as exc:  # handed to the main thread, which owns the run's status
+        box["error"] = exc
+
+
+def _trainer(spec, configs, record, board, verbose):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.worker import train_loop
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run_id": record.run_id,
+            "tracking_uri": record.tracking_uri,
+            "board": board,
+            "verbose": verbose,
+        },
+        scaling_config=ScalingConfig(**configs["scaling"]),
+        run_config=RunConfig(
+            **configs["run"],
+            failure_config=FailureConfig(**configs["failure"]),
+            checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
+        ),
+    )
+
+
+def _collect(outcome: Outcome, result, spec: JobSpec) -> None:
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if result.checkpoint is not None:
+        outcome.last_checkpoint = result.checkpoint.path
+    if spec.checkpoint.monitor and result.best_checkpoints:
+        try:
+            best = result.get_best_checkpoint(spec.checkpoint.monitor, spec.checkpoint.mode)
+        except (ValueError, KeyError):  # the monitored metric was never logged
+            best = None
+        outcome.best_checkpoint = best.path if best is not None else None
+    outcome.best_checkpoint = outcome.best_checkpoint or outcome.last_checkpoint
+
+
+def _record_outcome(record, outcome: Outcome) -> None:
+    tags = {"orch.last_checkpoint": outcome.last_checkpoint or "", "orch.best_checkpoint": outcome.best_checkpoint or ""}
+    record.set_tags({k: v for k, v in tags.items() if v})
+    record.log_metrics({f"orch/{k}": v for k, v in outcome.timings.items()})
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """Ray wraps the worker's exception; show the user's traceback, not Ray's plumbing."""
+    text = "".join(traceback.format_exception(exc))
+    return text.strip()

@@ -1,0 +1,101 @@
+"""Shared fixtures: one real local Ray cluster for the whole session, a fresh MLflow store per test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ORCH = str(Path(sys.executable).parent / "orch")  # the installed console script, as a user runs it
+ASSETS = Path(__file__).parent / "assets"
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """Started once, in this process; CLI subprocesses join it through RAY_ADDRESS."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def orch_env(tmp_path: Path, tracking_uri: str) -> dict[str, str]:
+    """The environment of a user's shell: no cluster, a private MLflow store, a bare working folder."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = "200"  # long paths in messages stay on one line
+    return env
+
+
+def run_orch(args: list[str], env: dict[str, str], cwd: Path | str = REPO, timeout: float = 300,
+             ) -> subprocess.CompletedProcess:
+    return subprocess.run([ORCH, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def copy_user_project(tmp_path: Path) -> Path:
+    target = tmp_path / "user_project"
+    shutil.copytree(ASSETS / "user_project", target)
+    return target
+
+
+def only_run(tracking_uri: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} in {tracking_uri}"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, f"expected one run, found {len(runs)}"
+    return client, runs[0]
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float) -> str:
+    """Read the process's stdout until `needle` shows up; return everything read so far."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never appeared; output so far:\n{''.join(seen)}")
