@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -81,8 +83,14 @@ def submit(
         err_console.print("interrupted before training started; nothing was recorded")
         raise typer.Exit(EXIT_INTERRUPTED)
     print_outcome(console, spec, outcome)
-    codes = {"FINISHED": 0, "KILLED": EXIT_INTERRUPTED}
-    raise typer.Exit(codes.get(outcome.status, EXIT_TRAINING_FAILED))
+    code = {"FINISHED": 0, "KILLED": EXIT_INTERRUPTED}.get(outcome.status, EXIT_TRAINING_FAILED)
+    if any(thread.name == "orch-fit" for thread in threading.enumerate()):
+        # Ray's fit() did not return after shutdown; leaving through interpreter teardown with a thread
+        # inside Ray's C++ core can segfault, and everything is already recorded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)
 
 
 @app.command()

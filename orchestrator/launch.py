@@ -109,7 +109,15 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         record.finish("FAILED", outcome.error)
     finally:
         disconnect()
+        _wait_for_fit_thread()
     return outcome
+
+
+def _wait_for_fit_thread(timeout_s: float = 20.0) -> None:
+    """After an interrupt, Ray's shutdown ends fit(); a thread still inside Ray at exit can crash the interpreter."""
+    for thread in threading.enumerate():
+        if thread.name == "orch-fit":
+            thread.join(timeout=timeout_s)
 
 
 def ui_command(tracking_uri: str, run_id: str) -> str:
@@ -149,9 +157,13 @@ def _fit(spec, plan, configs, record, console, verbose, started_at):
         box: dict[str, Any] = {}
         thread = threading.Thread(target=_fit_into, args=(trainer, box), name="orch-fit", daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            _poll(board, view, timings, started_at)
+        try:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                _poll(board, view, timings, started_at)
+        except KeyboardInterrupt:
+            view.set_status("interrupted: stopping the workers")
+            raise
         _poll(board, view, timings, started_at)
     timings["total_s"] = time.time() - started_at
     if "error" in box:

@@ -99,3 +99,9 @@ def wait_for_line(process: subprocess.Popen, needle: str, timeout: float) -> str
         if needle in line:
             return "".join(seen)
     raise AssertionError(f"{needle!r} never appeared; output so far:\n{''.join(seen)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No tests collected (exit 5) is a broken suite, not a pass."""
+    if exitstatus == 5:
+        session.exitstatus = 1

@@ -1,0 +1,137 @@
+"""`orch submit` end to end: the real CLI, a real Ray cluster (shared by the session), a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ORCH, REPO, copy_user_project, only_run, run_orch, wait_for_line
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster_env(orch_env, ray_address):
+    return {**orch_env, "RAY_ADDRESS": ray_address}
+
+
+def test_digits_default_spec_trains_and_records_everything(cluster_env, tracking_uri, tmp_path):
+    result = run_orch(["submit", str(REPO / "jobs/digits.yaml"), f"checkpoint.storage_path={tmp_path}/ckpt"],
+                      env=cluster_env, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    client, run = only_run(tracking_uri, "digits")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    for fragment in ("FINISHED", "final metrics", "val/acc", "best checkpoint", run_id, f"orch ui --run {run_id}"):
+        assert fragment in output, f"{fragment!r} missing from:\n{output}"
+
+    # The default spec must reach 95 % validation accuracy.
+    assert run.data.metrics["val/acc"] >= 0.95, run.data.metrics
+
+    # Params: the resolved spec, flattened with dotted names.
+    params = run.data.params
+    assert params["trainer.max_epochs"] == "10"
+    assert params["scaling.num_workers"] == "2"
+    assert params["model.class_path"] == "jobs.digits.DigitsCNN"
+    assert params["model.init_args.lr"] == "0.002"
+
+    # Parameter counts and size at the training precision.
+    metrics = run.data.metrics
+    assert metrics["model/params_total"] == 151_498
+    assert metrics["model/params_trainable"] == 151_498
+    assert metrics["model/params_non_trainable"] == 0
+    assert metrics["model/size_bytes"] == 151_498 * 4
+    assert metrics["model/params_by_module/features"] + metrics["model/params_by_module/classifier"] == 151_498
+
+    # Tags: where and how it ran.
+    tags = run.data.tags
+    assert tags["orch.world_size"] == "2" and tags["orch.strategy"] == "ddp" and tags["orch.accelerator"] == "cpu"
+    for package in ("torch", "lightning", "ray", "mlflow"):
+        assert tags[f"orch.version.{package}"][0].isdigit()
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["orch.git_dirty"] in ("true", "false")
+    assert tags["orch.hostnames"]
+    assert tags["recipe"] == "digits"
+    assert Path(tags["orch.best_checkpoint"]).is_dir()
+
+    # Artifacts: the resolved spec and the model summary.
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | \
+        {a.path for a in client.list_artifacts(run_id, "spec")} | {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"spec/resolved.yaml", "model/summary.txt"} <= artifacts
+
+    # Rank 0 alone logs: one value per step, per epoch metrics once per epoch.
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss_step")]
+    assert steps == sorted(set(steps)) and len(steps) >= 10
+    assert len(client.get_metric_history(run_id, "val/acc")) == 10
+    assert len(client.get_metric_history(run_id, "train/acc_epoch")) == 10
+
+
+def test_user_module_outside_jobs_with_overrides(cluster_env, tracking_uri, tmp_path):
+    project = copy_user_project(tmp_path)
+    for lr in ("0.1", "0.05"):
+        result = run_orch(["submit", "job.yaml", "trainer.max_epochs=1", "scaling.num_workers=1",
+                           f"model.init_args.lr={lr}"], env=cluster_env, cwd=project, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("user-project")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    assert {r.data.params["model.init_args.lr"] for r in runs} == {"0.1", "0.05"}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["trainer.max_epochs"] == "1"
+        assert run.data.tags["orch.world_size"] == "1"
+        assert run.data.metrics["model/params_total"] == 18  # Linear(8, 2)
+    # Runs compare side by side: the same param and metric names in both.
+    assert set(runs[0].data.params) == set(runs[1].data.params)
+    assert set(runs[0].data.metrics) == set(runs[1].data.metrics)
+
+
+def test_a_failing_job_is_marked_failed_with_its_error(cluster_env, tracking_uri, tmp_path):
+    project = copy_user_project(tmp_path)
+    result = run_orch(["submit", "job.yaml", "model.init_args.fail_at_step=3", "failure.max_failures=0"],
+                      env=cluster_env, cwd=project, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "failed on purpose at step 3" in output
+    _, run = only_run(tracking_uri, "user-project")
+    assert run.info.status == "FAILED"
+    assert "failed on purpose at step 3" in run.data.tags["orch.error"]
+
+
+def test_ctrl_c_marks_the_run_killed(cluster_env, tracking_uri, tmp_path):
+    project = copy_user_project(tmp_path)
+    process = subprocess.Popen(
+        [ORCH, "submit", "job.yaml", "trainer.max_epochs=100", "model.init_args.sleep_per_step=0.05"],
+        env=cluster_env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(process, "epoch 1 ", timeout=240)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    _, run = only_run(tracking_uri, "user-project")
+    assert run.info.status == "KILLED"
+
+
+def test_plan_and_dry_run_start_nothing(orch_env, tracking_uri):
+    env = {**orch_env, "RAY_ADDRESS": "127.0.0.1:1"}  # reaching for Ray would fail loudly
+    plan = run_orch(["plan", str(REPO / "jobs/digits.yaml"), "scaling.num_workers=1"], env=env, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    for fragment in ("world size", "1 workers", "151.50 K", "num_workers: 1", "checkpoint_score_attribute: val/acc"):
+        assert fragment in plan.stdout, fragment
+    dry = run_orch(["submit", "--dry-run", str(REPO / "jobs/digits.yaml")], env=env, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "nothing was started" in dry.stdout and "151.50 K" in dry.stdout
+    as_json = run_orch(["plan", "--json", str(REPO / "jobs/digits.yaml")], env=env, timeout=120)
+    data = json.loads(as_json.stdout)
+    assert data["parameters"]["total"] == 151_498 and data["ray"]["scaling"]["num_workers"] == 2
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
