@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 import traceback
@@ -81,7 +82,9 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     try:
         console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
                       else f"[dim]{time.strftime('%H:%M:%S')}[/] joining the Ray cluster at {address}", highlight=False)
+        interrupt_on_sigterm()
         connect(address, verbose)
+        interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
         if address is not None:
             check_cluster_fit(source, plan.world_size, plan.resources_per_worker)
         ray_ready_s = time.time() - started_at
@@ -118,6 +121,16 @@ def _wait_for_fit_thread(timeout_s: float = 20.0) -> None:
     for thread in threading.enumerate():
         if thread.name == "orch-fit":
             thread.join(timeout=timeout_s)
+
+
+def interrupt_on_sigterm() -> None:
+    """`orch stop`, Ray's stop_job and schedulers send SIGTERM: treat it as Ctrl-C so the run is closed, not orphaned."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def ui_command(tracking_uri: str, run_id: str) -> str:

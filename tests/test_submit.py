@@ -135,3 +135,21 @@ def test_plan_and_dry_run_start_nothing(orch_env, tracking_uri):
     data = json.loads(as_json.stdout)
     assert data["parameters"]["total"] == 151_498 and data["ray"]["scaling"]["num_workers"] == 2
     assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+def test_sigterm_marks_the_run_killed(cluster_env, tracking_uri, tmp_path):
+    """Schedulers and Ray's stop_job send SIGTERM; the run must be closed as KILLED, never left RUNNING."""
+    project = copy_user_project(tmp_path)
+    process = subprocess.Popen(
+        [ORCH, "submit", "job.yaml", "trainer.max_epochs=100", "model.init_args.sleep_per_step=0.05"],
+        env=cluster_env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(process, "epoch 1 ", timeout=240)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    _, run = only_run(tracking_uri, "user-project")
+    assert run.info.status == "KILLED"
