@@ -118,14 +118,19 @@ class RayCheckpointReporter(pl.Callback):
             return
         self._last_reported_step = trainer.global_step
         metrics = {**scalar_metrics(trainer), "epoch": trainer.current_epoch, "step": trainer.global_step}
-        folder = Path(tempfile.mkdtemp(prefix=f"orch-ckpt-rank{trainer.global_rank}-"))
+        # One folder name for all ranks: FSDP broadcasts rank 0's path and every rank writes its shard there
+        # (DDP: rank 0 alone writes). Each node's local rank 0 reports what its node wrote; Ray merges them.
+        name = tempfile.mkdtemp(prefix="orch-ckpt-") if trainer.global_rank == 0 else None
+        folder = Path(trainer.strategy.broadcast(name))
+        folder.mkdir(parents=True, exist_ok=True)
         try:
             trainer.save_checkpoint(folder / CHECKPOINT_FILE)
-            # Under DDP only rank 0 writes; under sharded strategies every rank writes its shard.
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if any(folder.iterdir()) else None
+            wrote = trainer.local_rank == 0 and any(folder.iterdir())
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if wrote else None
             ray.train.report(metrics, checkpoint=checkpoint)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if trainer.local_rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def checkpoint_path(checkpoint) -> str | None:

@@ -27,23 +27,26 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model = instantiate(spec.model.model_dump())
     data = instantiate(spec.data.model_dump())
+    strategy = build_strategy(spec, model)
+    prepare_model(spec, model)  # activation checkpointing and torch.compile, per the spec
     logger = MLflowRunLogger(config["tracking_uri"], config["run_id"])
     callbacks: list[pl.Callback] = [
         RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps),
     ]
     if config.get("board") is not None:
         callbacks.append(ProgressReporter(config["board"], context.get_world_size()))
+    callbacks += scale_callbacks(spec)
 
     trainer = pl.Trainer(
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",
         devices="auto",
-        strategy=build_strategy(spec.scaling.strategy, spec.scaling.strategy_options),
+        strategy=strategy,
         plugins=[_ray_environment()],
         precision=spec.trainer.precision,
         max_epochs=spec.trainer.max_epochs if spec.trainer.max_epochs is not None else -1,
         max_steps=spec.trainer.max_steps,
         accumulate_grad_batches=spec.trainer.accumulate_grad_batches,
-        gradient_clip_val=spec.trainer.gradient_clip_val,
+        gradient_clip_val=trainer_gradient_clip(spec),
         val_check_interval=spec.trainer.val_check_interval,
         check_val_every_n_epoch=spec.trainer.check_val_every_n_epoch,
         log_every_n_steps=spec.trainer.log_every_n_steps,
@@ -64,15 +67,29 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(ray.train.get_checkpoint()))
 
 
-def build_strategy(name: str, options: dict[str, Any]):
-    from ray.train import lightning as ray_lightning
+def build_strategy(spec, model):
+    """Ray's strategy for scaling.strategy with its typed options (orchestrator.distributed)."""
+    from orchestrator.distributed import build_strategy as build
 
-    strategies = {
-        "ddp": ray_lightning.RayDDPStrategy,
-        "fsdp": ray_lightning.RayFSDPStrategy,
-        "deepspeed": ray_lightning.RayDeepSpeedStrategy,
-    }
-    return strategies[name](**options)
+    return build(spec, model)
+
+
+def prepare_model(spec, model) -> None:
+    from orchestrator.distributed import prepare_model as prepare
+
+    prepare(spec, model)
+
+
+def scale_callbacks(spec) -> list:
+    from orchestrator.distributed import scale_callbacks as callbacks
+
+    return callbacks(spec)
+
+
+def trainer_gradient_clip(spec) -> float | None:
+    from orchestrator.distributed import trainer_gradient_clip as clip
+
+    return clip(spec)
 
 
 def _ray_environment():
