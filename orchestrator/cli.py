@@ -31,11 +31,13 @@ VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's and Lightni
 
 def _fail_on_spec_error(exc: SpecError) -> None:
     for problem in exc.problems:
-        err_console.print(f"[bold red]error:[/] {problem.render()}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages quote user input and lists such as [jobs.gpt.Block]
+
+        err_console.print(f"[bold red]error:[/] {escape(problem.render())}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True):
+def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True, check_memory: bool = False):
     """spec -> plan, in the driver; the project folder is importable as with `python -m`."""
     from orchestrator.classpath import check_spec_classes
     from orchestrator.loader import load_spec
@@ -47,7 +49,7 @@ def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True):
     try:
         spec = load_spec(job, overrides or [])
         check_spec_classes(spec, source)
-        return spec, build_plan(spec, source, check_fit=check_fit)
+        return spec, build_plan(spec, source, check_fit=check_fit, check_memory=check_memory)
     except SpecError as exc:
         _fail_on_spec_error(exc)
 
@@ -57,10 +59,11 @@ def submit(
     job: Path = typer.Argument(..., help="The job spec (YAML)."),
     overrides: Optional[List[str]] = OverridesArg,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the plan; start nothing."),
+    force: bool = typer.Option(False, "--force", help="Run even when the planned peak memory per worker does not fit."),
     verbose: bool = VerboseOpt,
 ) -> None:
     """Train a job: validate, plan, run on Ray Train, record in MLflow."""
-    spec, plan = _prepare(job, overrides)
+    spec, plan = _prepare(job, overrides, check_memory=not force)
     if dry_run:
         from orchestrator.report import print_plan
 

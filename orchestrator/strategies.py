@@ -87,8 +87,10 @@ def _located(exc: ValidationError, strategy: str, model: type[_Options]) -> Vali
         if ("strategy_options", key) in problems:
             continue
         if error["type"] == "extra_forbidden":
-            message = (f"unknown option {key!r} for strategy {strategy}{did_you_mean(key, fields)}; "
-                       f"allowed: {', '.join(fields)}")
+            owners = [name for name, other in OPTIONS.items() if key in other.model_fields]
+            hint = (f" ({key!r} is an option of {' and '.join(owners)}; when switching strategy, clear the "
+                    f"others with scaling.strategy_options={{}})") if owners else did_you_mean(key, fields)
+            message = f"unknown option {key!r} for strategy {strategy}{hint}; allowed: {', '.join(fields)}"
         elif error["type"] == "literal_error" or key == "auto_wrap":
             options = [o.strip(" '") for o in ctx.get("expected", "").replace(" or ", ", ").split(",")]
             allowed = ", ".join(options)
