@@ -152,6 +152,9 @@ def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
         "model/params_non_trainable": counts.non_trainable,
         "model/size_bytes": counts.size_bytes,
         **{f"model/params_by_module/{name}": n for name, n in counts.by_module.items()},
+        # The plan's estimate per worker, to compare with the memory measured while it ran.
+        **{f"plan/{key}": value for key in ("peak_bytes", "parameters_bytes", "gradients_bytes", "optimizer_bytes",
+                                            "activations_bytes") if (value := getattr(plan.memory, key)) is not None},
     }
     record.log_metrics(metrics)
     record.set_tags({"orch.ray_run_name": ray_run_name, "orch.storage_path": plan.storage_path})

@@ -147,6 +147,7 @@ def test_gpt_trains_with_ddp_on_two_workers(cluster_env, tracking_uri, tmp_path)
     assert run.data.tags["orch.strategy"] == "ddp" and run.data.tags["orch.world_size"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "train/loss_step")) >= 3
     assert run.data.metrics["val/loss"] < 5.6  # below ln(256): it learned something in 8 steps
+    assert run.data.metrics["plan/peak_bytes"] > run.data.metrics["plan/activations_bytes"] > 0
 
 
 @pytest.mark.slow
@@ -172,3 +173,19 @@ def test_fsdp_sharded_checkpoint_resumes_after_a_failure(cluster_env, tracking_u
     import torch
 
     assert torch.load(final / "meta.pt", weights_only=False)["global_step"] == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_planned_peak_matches_cuda_max_memory_allocated(precision):
+    """On a GPU the planner's peak is within ±20 % of torch.cuda.max_memory_allocated for the GPT recipe."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from memory_plan import measured, predicted
+
+    overrides = ["scaling.num_workers=1", "scaling.use_gpu=true", f"trainer.precision={precision}",
+                 "model.init_args.n_embd=512", "model.init_args.n_head=8", "model.init_args.n_layer=8"]
+    guess, _ = predicted("jobs/gpt.yaml", overrides)
+    real = measured("jobs/gpt.yaml", overrides, steps=3, gpu=True)
+    assert abs(guess - real) / real < 0.2, (guess, real)
