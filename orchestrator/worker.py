@@ -15,6 +15,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from orchestrator.callbacks import ProgressReporter, RayCheckpointReporter, checkpoint_path
     from orchestrator.classpath import instantiate
+    from orchestrator.determinism import ExactResume
+    from orchestrator.faults import FaultGuard, restored_metrics
     from orchestrator.spec import JobSpec
     from orchestrator.tracking.logger import MLflowRunLogger
 
@@ -27,10 +29,17 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model = instantiate(spec.model.model_dump())
     data = instantiate(spec.data.model_dump())
-    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"])
+    restored = ray.train.get_checkpoint()  # a restarted attempt, or `orch resume`
+    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"], resumed=restored is not None,
+                             replay=restored_metrics(restored) if context.get_world_rank() == 0 else None)
+    reporter = RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps)
     callbacks: list[pl.Callback] = [
-        RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps),
+        reporter,
+        FaultGuard(config.get("board"), spec.failure.nonfinite_loss, spec.failure.max_consecutive_skips, reporter,
+                   spec.failure.max_failures),
     ]
+    if spec.trainer.seed is not None:
+        callbacks.append(ExactResume(spec.trainer.seed))
     if config.get("board") is not None:
         callbacks.append(ProgressReporter(config["board"], context.get_world_size()))
 
@@ -61,7 +70,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     trainer = prepare_trainer(trainer)
     _record_hosts(config, context)
-    trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(ray.train.get_checkpoint()))
+    trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
 
 
 def build_strategy(name: str, options: dict[str, Any]):
@@ -93,7 +102,10 @@ def _record_hosts(config: dict[str, Any], context) -> None:
     if context.get_world_rank() == 0:
         from mlflow import MlflowClient
 
-        MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], "orch.hostnames", ",".join(sorted(set(hosts))))
+        try:
+            MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], "orch.hostnames", ",".join(sorted(set(hosts))))
+        except Exception as exc:  # a tracking outage must not stop training; the metrics are buffered
+            logging.getLogger(__name__).warning("could not tag the run with its hosts: %s", exc)
 
 
 def _quiet() -> None:
