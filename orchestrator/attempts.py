@@ -45,16 +45,22 @@ def _user_exception(exc: BaseException) -> BaseException:
     return getattr(exc, "_base_exc", exc)  # Ray Train wraps the user's exception with its traceback
 
 
+# Errors on the surviving ranks once a peer is gone: they follow from another rank's failure.
+COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+              "Broken pipe", "SynchronizationBarrierResetError", "ProcessGroupNCCL", "Gloo")
+
+
 def cause(exc: BaseException) -> str:
     """One line: the user's exception, or why Ray lost the worker."""
-    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.exceptions import RayActorError
 
     base = _user_exception(exc)
-    if isinstance(base, (ActorDiedError, RayActorError)):
-        text = str(base)
-        reason = "the worker process died (killed, out of memory, or its node was lost)"
-        if "SIGKILL" in text or "killed" in text.lower():
-            reason = "the worker process was killed"
-        return reason[:MAX_CAUSE_CHARS]
+    health = getattr(base, "health_check_failure", None)  # Ray Train could not reach the worker any more
+    if isinstance(base, RayActorError) or isinstance(health, RayActorError) or \
+            type(base).__name__.startswith("WorkerHealthCheck"):
+        return "the worker process died (killed, out of memory, or its node lost)"
     text = f"{type(base).__name__}: {base}".strip()
-    return text.splitlines()[0][:MAX_CAUSE_CHARS] if text else type(base).__name__
+    line = text.splitlines()[0] if text else type(base).__name__
+    if any(marker in text for marker in COLLATERAL):
+        line = f"lost contact with a failed peer ({line})"
+    return line[:MAX_CAUSE_CHARS]

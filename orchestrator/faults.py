@@ -89,12 +89,12 @@ class FaultGuard(pl.Callback):
             return
         message = self._describe(trainer, bool(loss_bad), int(ranks_with_bad_loss))
         if self.mode == "stop":
-            raise NonFiniteLossError(f"{message}; {NONFINITE_HINT}")
+            self._fail(trainer, f"{message}; {NONFINITE_HINT}")
         self._skipped_in_a_row += 1
         self._skipped_total += 1
         if self._skipped_in_a_row > self.max_consecutive_skips:
-            raise NonFiniteLossError(f"{message}, the {self._skipped_in_a_row}th step in a row: giving up "
-                                     f"(failure.max_consecutive_skips={self.max_consecutive_skips})")
+            self._fail(trainer, f"{message}, the {self._skipped_in_a_row}th step in a row: giving up "
+                                f"(failure.max_consecutive_skips={self.max_consecutive_skips})")
         optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
         if loss_bad or trainer.global_rank == 0:
             log.warning("skipped the optimizer step: %s", message)
@@ -108,6 +108,17 @@ class FaultGuard(pl.Callback):
         if self._stop_agreed and not self.reporter.stopping:
             log.warning("stop requested: checkpointing step %d and ending training", trainer.global_step)
             self.reporter.save_and_stop(trainer)
+
+    def _fail(self, trainer: pl.Trainer, message: str) -> None:
+        """Every rank raises together, but only after rank 0 has sent the metrics up to this step: this
+        failure is final, and Ray stops the other ranks as soon as the first error reaches it."""
+        gate = getattr(trainer.logger, "gate", None)
+        if gate is not None:
+            gate.release_on_failure = True
+            gate.flush(timeout_s=30)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("orch-nonfinite")
+        raise NonFiniteLossError(message)
 
     def _gradients_bad(self, trainer: pl.Trainer, optimizer, device) -> torch.Tensor:
         # With 16-bit mixed precision, inf gradients are routine: the GradScaler skips those steps itself.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
@@ -183,20 +184,22 @@ def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None)
         board.update.remote({"attempt_base": resume.attempts if resume else 0})
         trainer = _trainer(spec, configs, record, board, verbose)
         box: dict[str, Any] = {}
-        thread = threading.Thread(target=_fit_into, args=(trainer, box), name="orch-fit", daemon=True)
+        # Waited on through an Event: Python 3.11 marks a thread stopped when Ctrl-C interrupts its join().
+        done = threading.Event()
+        thread = threading.Thread(target=_fit_into, args=(trainer, box, done), name="orch-fit", daemon=True)
         thread.start()
 
         def poll() -> dict:
             state = _poll(board, view, timings, started_at)
-            attempts.update(state)
+            for line in attempts.update(state):
+                view.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [yellow]{escape(line)}[/]", highlight=False)
             return state
         try:
             try:
-                while thread.is_alive():
-                    thread.join(timeout=0.5)
+                while not done.wait(timeout=0.5):
                     poll()
             except KeyboardInterrupt as interrupt:  # a second one inside stop_gracefully stops at once
-                raise stop_gracefully(board, thread, box, spec.checkpoint.stop_timeout_s, view.set_status, poll,
+                raise stop_gracefully(board, done, box, spec.checkpoint.stop_timeout_s, view.set_status, poll,
                                       interrupt) from None
             poll()
         finally:
@@ -221,11 +224,13 @@ def _poll(board, view, timings, started_at) -> dict:
     return state
 
 
-def _fit_into(trainer, box: dict[str, Any]) -> None:
+def _fit_into(trainer, box: dict[str, Any], done: threading.Event) -> None:
     try:
         box["result"] = trainer.fit()
     except BaseException as exc:  # handed to the main thread, which owns the run's status
         box["error"] = exc
+    finally:
+        done.set()
 
 
 def _trainer(spec, configs, record, board, verbose):

@@ -25,27 +25,34 @@ class AttemptLog:
         self._seen_attempts = 0
         self._seen_failures = 0
 
-    def update(self, state: dict[str, Any]) -> None:
+    def update(self, state: dict[str, Any]) -> list[str]:
+        """Record what is new on the board; returns lines for the user ("attempt 1 failed: ...")."""
         attempts, failures = state.get("attempts", []), state.get("failures", [])
         tags: dict[str, str] = {}
+        lines = []
+        for number, event in enumerate(failures[self._seen_failures:], start=self.base + self._seen_failures + 1):
+            tags[f"orch.attempt.{number}.failure"] = summarize(event["causes"])
+            lines.append(f"attempt {number} failed: {tags[f'orch.attempt.{number}.failure']}")
         for event in attempts[self._seen_attempts:]:
             tags[f"orch.attempt.{event['attempt']}.start_step"] = str(event["step"])
             tags["orch.attempts"] = str(event["attempt"])
             self.sender.add({"orch/attempt_start_step": event["step"]}, step=event["attempt"])
-        for number, event in enumerate(failures[self._seen_failures:], start=self.base + self._seen_failures + 1):
-            tags[f"orch.attempt.{number}.failure"] = summarize(event["causes"])
+            if event["attempt"] > 1:
+                lines.append(f"attempt {event['attempt']} started at step {event['step']}"
+                             + (" from its latest checkpoint" if event["step"] else " from the beginning"))
         self._seen_attempts, self._seen_failures = len(attempts), len(failures)
         if tags:
             self.sender.set_tags(tags)
+        return lines
 
     def close(self, timeout_s: float = 30.0) -> None:
         self.sender.close(timeout_s)
 
 
 def summarize(causes: dict[int, str]) -> str:
-    """Ranks that failed the same way are listed once: 'rank 1: the worker process was killed'."""
+    """Ranks that failed the same way are listed once, the root cause first: 'rank 0: the worker process died'."""
     by_text: dict[str, list[int]] = {}
-    for rank, text in sorted(causes.items()):
+    for rank, text in sorted(causes.items(), key=lambda item: (item[1].startswith("lost contact"), item[0])):
         by_text.setdefault(text, []).append(rank)
     parts = [f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}: {text}" for text, ranks in by_text.items()]
     return "; ".join(parts)[:MAX_CAUSE_CHARS]
@@ -62,7 +69,7 @@ class Stopped(KeyboardInterrupt):
         self.waited_s = waited_s
 
 
-def stop_gracefully(board, thread: threading.Thread, box: dict, timeout_s: float, set_status: Callable[[str], None],
+def stop_gracefully(board, done: threading.Event, box: dict, timeout_s: float, set_status: Callable[[str], None],
                     poll: Callable[[], dict], first: KeyboardInterrupt) -> Stopped:
     """Ask the workers to checkpoint and end fit(); wait at most `timeout_s`. A second Ctrl-C propagates at once."""
     import ray
@@ -74,10 +81,9 @@ def stop_gracefully(board, thread: threading.Thread, box: dict, timeout_s: float
     set_status(f"stopping: writing a checkpoint (up to {timeout_s:.0f} s; Ctrl-C again to stop at once)")
     ray.get(board.update.remote({"stop_requested": True}), timeout=10)
     started = time.time()
-    while thread.is_alive() and time.time() - started < timeout_s:
-        thread.join(timeout=0.5)
+    while not done.wait(0.5) and time.time() - started < timeout_s:
         poll()
-    if thread.is_alive():
+    if not done.is_set():
         return Stopped(name, waited_s=time.time() - started)
     return Stopped(name, result=box.get("result"), error=box.get("error"), waited_s=time.time() - started)
 
@@ -90,6 +96,10 @@ def stop_note(stopped: Stopped, run_id: str) -> str:
         where = f" at step {metrics['step']}" if "step" in metrics else ""
         return (f"stopped by {stopped.signal_name}; checkpoint{where} saved to {checkpoint.path}; "
                 f"continue with `orch resume {run_id}`")
+    if stopped.error is not None:
+        return (f"stopped by {stopped.signal_name}; the workers failed while stopping "
+                f"({type(stopped.error).__name__}: {str(stopped.error).strip().splitlines()[-1][:300]}); "
+                f"`orch resume {run_id}` continues from the last checkpoint")
     if stopped.waited_s:
         return (f"stopped by {stopped.signal_name}; no checkpoint within {stopped.waited_s:.0f} s "
                 f"(checkpoint.stop_timeout_s); `orch resume {run_id}` continues from the last checkpoint")

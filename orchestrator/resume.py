@@ -38,6 +38,7 @@ class ResumeTarget:
     latest_checkpoint: str | None = None
     started_commit: str | None = None  # the git commit the run started from
     commit: str | None = None  # the git commit this resume runs
+    previous: str = ""  # how the run had ended: "KILLED: stopped by Ctrl-C; ..."
 
     def tags(self) -> dict[str, str]:
         tags = {"orch.resumes": str(self.session),
@@ -45,6 +46,8 @@ class ResumeTarget:
                 f"orch.resume.{self.session}.from_checkpoint": self.latest_checkpoint or ""}
         if self.commit:
             tags[f"orch.resume.{self.session}.git_commit"] = self.commit
+        if self.previous:
+            tags[f"orch.resume.{self.session}.after"] = self.previous[:500]
         return tags
 
 
@@ -66,6 +69,7 @@ def find_target(ref: str, tracking_uri: str, force: bool = False) -> ResumeTarge
                           f"(submit the job again to train further)")
     if run.info.status == "RUNNING":
         _refuse_if_alive(run_id, tags, force)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = client.download_artifacts(run_id, "spec/resolved.yaml", folder)
@@ -77,7 +81,8 @@ def find_target(ref: str, tracking_uri: str, force: bool = False) -> ResumeTarge
     return ResumeTarget(run_id=run_id, ray_run_name=tags["orch.ray_run_name"], storage_path=tags["orch.storage_path"],
                         attempts=int(tags.get("orch.attempts", "1")), session=int(tags.get("orch.resumes", "0")) + 1,
                         spec=spec, project_dir=tags.get("orch.project_dir"), latest_checkpoint=latest,
-                        started_commit=tags.get("mlflow.source.git.commit"))
+                        started_commit=tags.get("mlflow.source.git.commit"),
+                        previous=f"{run.info.status}: {tags['orch.error']}" if "orch.error" in tags else run.info.status)
 
 
 def _find_run(client, ref: str, where: str):

@@ -111,6 +111,11 @@ class MetricGate:
             self.sender.extend(ready)
             self.sender.flush_soon()
 
+    def flush(self, timeout_s: float) -> bool:
+        """Before a final failure: send everything held now, and wait until MLflow has it (or the timeout)."""
+        self.commit(EVERYTHING)
+        return self.sender.flush(timeout_s)
+
     def finish(self, success: bool, timeout_s: float = 60.0) -> None:
         """At the end of fit: wait for the last commits; on a final failure send what is held too."""
         if self._committer is not None:

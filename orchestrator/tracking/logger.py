@@ -89,6 +89,19 @@ class MetricSender:
     def flush_soon(self) -> None:
         self._wake.set()
 
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything buffered is sent (True) or the timeout passes (False); the thread sends."""
+        deadline = time.time() + timeout_s
+        woken = 0.0
+        while self.unsent() or self._tags:
+            if time.time() > deadline or self._drained.is_set():
+                return False
+            if time.time() - woken > 1.0:  # a retry a second while MLflow is down, not a storm
+                self._wake.set()
+                woken = time.time()
+            time.sleep(0.05)
+        return True
+
     def _run(self) -> None:
         wait = self.interval_s
         while True:
@@ -203,5 +216,5 @@ class MLflowRunLogger(Logger):
     def finalize(self, status: str) -> None:
         if self._sender is not None:
             self.gate.finish(success=status == "success")
-            self._sender.close()
+            self._sender.close(timeout_s=120)  # the job waits for MLflow rather than lose metrics
             self._sender = None

@@ -93,6 +93,8 @@ class RunRecord:
         run = record.client.get_run(run_id)
         record.experiment_id, record.run_id, record.run_name = run.info.experiment_id, run_id, run.info.run_name
         record.client.update_run(run_id, status="RUNNING")
+        if "orch.error" in run.data.tags:  # how it ended before is kept in orch.resume.<n>.after
+            record.client.delete_tag(run_id, "orch.error")
         return record
 
     def log_params(self, params: dict[str, str]) -> None:
