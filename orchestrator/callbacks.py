@@ -130,11 +130,10 @@ class RayCheckpointReporter(pl.Callback):
             shutil.rmtree(self._pending[0], ignore_errors=True)
             self._pending = None
 
-    def save_and_stop(self, trainer: pl.Trainer) -> None:
-        """Ctrl-C / `orch stop` reached the workers: checkpoint this step and end fit() cleanly."""
+    def save_for_stop(self, trainer: pl.Trainer) -> None:
+        """Ctrl-C / `orch stop` reached the workers: checkpoint this step; FaultGuard ends fit() after the report."""
         self._save(trainer, covered_step=logged_step(trainer))
         self.stopping = True
-        trainer.should_stop = True
 
     def _save(self, trainer: pl.Trainer, covered_step: float) -> None:
         if trainer.global_step == self._last_saved_step:

@@ -17,6 +17,14 @@ STOP_POLL_INTERVAL_S = 0.5
 NONFINITE_HINT = "set failure.nonfinite_loss=skip to skip such batches instead"
 
 
+class StopRequested(Exception):
+    """Ends fit() right after the stop checkpoint is reported; train_loop returns normally on it.
+
+    Not `trainer.should_stop`: Lightning would first validate and close the cut-short epoch (a slow stop,
+    and epoch metrics of half an epoch). Not a KeyboardInterrupt: Lightning answers that with sys.exit.
+    """
+
+
 class FaultGuard(pl.Callback):
     """One small all-reduce per optimizer step makes every rank agree on two things at the same step:
     whether any rank saw a non-finite loss or gradient, and whether the driver asked to stop (rank 0
@@ -107,7 +115,12 @@ class FaultGuard(pl.Callback):
                            batch_idx: int) -> None:
         if self._stop_agreed and not self.reporter.stopping:
             log.warning("stop requested: checkpointing step %d and ending training", trainer.global_step)
-            self.reporter.save_and_stop(trainer)
+            self.reporter.save_for_stop(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        # The reporter, before this callback, has just reported the stop checkpoint with this step's metrics.
+        if self.reporter.stopping:
+            raise StopRequested(f"stopped at step {trainer.global_step} on request")
 
     def _fail(self, trainer: pl.Trainer, message: str) -> None:
         """Every rank raises together, but only after rank 0 has sent the metrics up to this step: this

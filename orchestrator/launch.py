@@ -116,9 +116,12 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         outcome.status = "FINISHED"
         record.finish("FINISHED")
     except KeyboardInterrupt as exc:
+        from orchestrator.recovery import signals_held
+
         outcome.status = "KILLED"
-        outcome.error = _record_stop(record, outcome, exc, spec, step=resume.session if resume else 0)
-        record.finish("KILLED", outcome.error)
+        with signals_held():
+            outcome.error = _record_stop(record, outcome, exc, spec, step=resume.session if resume else 0)
+            record.finish("KILLED", outcome.error)
     except BaseException as exc:
         outcome.status = "FAILED"
         outcome.error = _describe_failure(exc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
 import uuid
@@ -79,7 +81,10 @@ def stop_gracefully(board, done: threading.Event, box: dict, timeout_s: float, s
     if timeout_s <= 0 or state.get("phase") != "training":
         return Stopped(name)  # nothing worth a checkpoint yet, or the user asked for no wait
     set_status(f"stopping: writing a checkpoint (up to {timeout_s:.0f} s; Ctrl-C again to stop at once)")
-    ray.get(board.update.remote({"stop_requested": True}), timeout=10)
+    try:
+        ray.get(board.update.remote({"stop_requested": True}), timeout=10)
+    except Exception:  # the board is gone with its node: nothing can be asked of the workers any more
+        return Stopped(name)
     started = time.time()
     while not done.wait(0.5) and time.time() - started < timeout_s:
         poll()
@@ -104,6 +109,20 @@ def stop_note(stopped: Stopped, run_id: str) -> str:
         return (f"stopped by {stopped.signal_name}; no checkpoint within {stopped.waited_s:.0f} s "
                 f"(checkpoint.stop_timeout_s); `orch resume {run_id}` continues from the last checkpoint")
     return f"stopped by {stopped.signal_name}; `orch resume {run_id}` continues from the last checkpoint, if any"
+
+
+@contextlib.contextmanager
+def signals_held():
+    """While the run's final status is written: a further Ctrl-C must not leave it RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_storage(storage_path: str, source: str) -> None:

@@ -16,7 +16,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from orchestrator.callbacks import ProgressReporter, RayCheckpointReporter, checkpoint_path
     from orchestrator.classpath import instantiate
     from orchestrator.determinism import ExactResume
-    from orchestrator.faults import FaultGuard, restored_metrics
+    from orchestrator.faults import FaultGuard, StopRequested, restored_metrics
     from orchestrator.spec import JobSpec
     from orchestrator.tracking.logger import MLflowRunLogger
 
@@ -70,7 +70,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     trainer = prepare_trainer(trainer)
     _record_hosts(config, context)
-    trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
+    except StopRequested:  # Ctrl-C / `orch stop`: the checkpoint is reported; a clean end for Ray Train
+        return
 
 
 def build_strategy(name: str, options: dict[str, Any]):
