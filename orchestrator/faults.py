@@ -66,14 +66,14 @@ class FaultGuard(pl.Callback):
         final = self.max_failures != -1 and len(failures) >= self.max_failures
         gate = getattr(trainer.logger, "gate", None)
         if gate is not None:
-            gate.release_on_failure = final
+            gate.final = final
         self.board.append.remote("attempts", {"attempt": self.attempt, "step": trainer.global_step,
                                               "time": time.time()})
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         gate = getattr(trainer.logger, "gate", None)
-        if gate is not None and isinstance(exception, NonFiniteLossError):
-            gate.release_on_failure = True  # never retried (see AttemptRecorder): show the curve up to it
+        if gate is not None and isinstance(exception, (NonFiniteLossError, StopRequested)):
+            gate.final = True  # never retried (see AttemptRecorder), or the run ends here
 
     # ---- per step ---------------------------------------------------------------------------------------
 
@@ -127,7 +127,7 @@ class FaultGuard(pl.Callback):
         failure is final, and Ray stops the other ranks as soon as the first error reaches it."""
         gate = getattr(trainer.logger, "gate", None)
         if gate is not None:
-            gate.release_on_failure = True
+            gate.final = True
             gate.flush(timeout_s=30)
         if trainer.world_size > 1:
             trainer.strategy.barrier("orch-nonfinite")

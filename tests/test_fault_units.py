@@ -139,7 +139,7 @@ def test_gate_holds_metrics_until_their_checkpoint_commits(tracking_uri, tmp_pat
     final.replay(read_sidecar(tmp_path))  # already in MLflow: dropped
     for step in range(5, 8):
         final.add({"loss": float(step)}, step)
-    final.release_on_failure = True  # no retry left: the curve up to the failure is kept
+    final.final = True  # no retry left: the curve up to the failure is kept
     final.finish(success=False)
     assert final.sender.close(10)
     assert [s for s, _ in _history(client, run_id, "loss")] == list(range(8))

@@ -176,52 +176,52 @@ def test_stop_checkpoints_and_resume_carries_on_exactly(cluster_env, tracking_ur
     assert difference <= 1e-6
 
 
-def test_exhausted_retries_and_a_nan_loss_fail_with_their_cause(cluster_env, tmp_path):
-    exhausted_dir, nan_dir = tmp_path / "exhausted", tmp_path / "nan"
-    exhausted_uri, nan_uri = f"sqlite:///{exhausted_dir / 'mlflow.db'}", f"sqlite:///{nan_dir / 'mlflow.db'}"
-    # One worker: 16 steps per epoch. Killed at step 20 on both attempts; max_failures=1 allows one retry.
-    exhausted = start(["submit", "job.yaml", f"checkpoint.storage_path={exhausted_dir}/ckpt", "scaling.num_workers=1",
-                       "failure.max_failures=1", "model.init_args.kill_at_step=20", "model.init_args.kill_times=2",
-                       f"model.init_args.marker={exhausted_dir}/kills", "model.init_args.sleep_per_step=0.1"],
-                      {**cluster_env, "MLFLOW_TRACKING_URI": exhausted_uri}, project(exhausted_dir))
-    nan = start(["submit", "job.yaml", f"checkpoint.storage_path={nan_dir}/ckpt", "failure.max_failures=1",
-                 "model.init_args.nan_at_step=5", "model.init_args.nan_rank=1"],
-                {**cluster_env, "MLFLOW_TRACKING_URI": nan_uri}, project(nan_dir))
+def test_a_nonfinite_loss_stops_the_job_or_is_skipped(cluster_env, tmp_path):
+    stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
+    stop_uri, skip_uri = f"sqlite:///{stop_dir / 'mlflow.db'}", f"sqlite:///{skip_dir / 'mlflow.db'}"
+    nan = ["model.init_args.nan_at_step=5", "model.init_args.nan_rank=1"]  # rank 1 only: rank 0's loss is fine
+    stop = start(["submit", "job.yaml", f"checkpoint.storage_path={stop_dir}/ckpt", "failure.max_failures=1", *nan],
+                 {**cluster_env, "MLFLOW_TRACKING_URI": stop_uri}, project(stop_dir))
+    skip = start(["submit", "job.yaml", f"checkpoint.storage_path={skip_dir}/ckpt", "failure.nonfinite_loss=skip", *nan],
+                 {**cluster_env, "MLFLOW_TRACKING_URI": skip_uri}, project(skip_dir))
 
-    output = finish(nan)
-    assert nan.returncode == 1, output
+    output = finish(stop)
+    assert stop.returncode == 1, output
     message = "non-finite loss (nan) at step 5 on rank 1"
     assert message in output
-    (run,) = runs(nan_uri)
+    (run,) = runs(stop_uri)
     assert run.info.status == "FAILED" and message in run.data.tags["orch.error"]
     assert run.data.tags["orch.attempts"] == "1"  # deterministic: not retried despite max_failures=1
-    assert steps(nan_uri, run.info.run_id, "train/loss_step") == [0, 1, 2, 3, 4]  # the curve up to it
+    assert steps(stop_uri, run.info.run_id, "train/loss_step") == [0, 1, 2, 3, 4]  # the curve up to it
 
-    output = finish(exhausted)
-    assert exhausted.returncode == 1, output
-    (run,) = runs(exhausted_uri)
+    output = finish(skip)
+    assert skip.returncode == 0, output
+    (run,) = runs(skip_uri)
+    assert run.info.status == "FINISHED"
+    assert steps(skip_uri, run.info.run_id, "orch/nonfinite_skipped") == [5]
+    assert all(torch.isfinite(w).all() for w in final_weights(run).values())  # both ranks skipped that step
+    assert_complete_series(skip_uri, run.info.run_id)
+
+
+def test_exhausted_retries_end_failed_with_each_cause(cluster_env, tracking_uri, tmp_path):
+    # One worker, 16 steps per epoch; killed at step 20 on both attempts; max_failures=1 allows one retry.
+    result = run_orch(["submit", "job.yaml", f"checkpoint.storage_path={tmp_path}/ckpt", "scaling.num_workers=1",
+                       "trainer.max_epochs=2", "failure.max_failures=1", "model.init_args.kill_at_step=20",
+                       "model.init_args.kill_times=2", f"model.init_args.marker={tmp_path}/kills",
+                       "model.init_args.sleep_per_step=0.05"], env=cluster_env, cwd=project(tmp_path), timeout=420)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (run,) = runs(tracking_uri)
     assert run.info.status == "FAILED"
     tags = run.data.tags
     assert tags["orch.attempts"] == "2"
     for attempt in (1, 2):
-        assert tags[f"orch.attempt.{attempt}.failure"] == "rank 0: the worker process died (killed, out of memory, or its node lost)"
+        assert tags[f"orch.attempt.{attempt}.failure"] == \
+            "rank 0: the worker process died (killed, out of memory, or its node lost)"
     resumed_at = int(tags["orch.attempt.2.start_step"])
     assert 0 < resumed_at < 20  # the second attempt resumed from a checkpoint
     # Steps up to the last committed checkpoint, each once; those after it died with the killed worker.
-    logged = steps(exhausted_uri, run.info.run_id, "train/loss_step")
+    logged = steps(tracking_uri, run.info.run_id, "train/loss_step")
     assert logged == list(range(len(logged))) and len(logged) >= resumed_at
-
-
-def test_nonfinite_loss_can_be_skipped_on_every_rank(cluster_env, tracking_uri, tmp_path):
-    result = run_orch(["submit", "job.yaml", f"checkpoint.storage_path={tmp_path}/ckpt", "failure.nonfinite_loss=skip",
-                       "model.init_args.nan_at_step=5", "model.init_args.nan_rank=1"],
-                      env=cluster_env, cwd=project(tmp_path), timeout=420)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run,) = runs(tracking_uri)
-    assert run.info.status == "FINISHED"
-    assert steps(tracking_uri, run.info.run_id, "orch/nonfinite_skipped") == [5]
-    assert all(torch.isfinite(w).all() for w in final_weights(run).values())
-    assert_complete_series(tracking_uri, run.info.run_id)
 
 
 def _free_port() -> int:

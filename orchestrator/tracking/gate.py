@@ -27,6 +27,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -40,7 +41,9 @@ class MetricGate:
     def __init__(self, sender, max_held: int = 200_000):
         self.sender = sender
         self.max_held = max_held
-        self.release_on_failure = False  # set on the final attempt, or when the error is fatal
+        # This attempt ends the run (no retry left, a fatal error, or a stop): on failure the held metrics are
+        # sent too, since nothing will re-run their steps, and the sender is given time to deliver everything.
+        self.final = False
         self._held: list = []
         self._watermark: float = -1  # the highest step a committed checkpoint covers
         self._lock = threading.Lock()
@@ -49,8 +52,6 @@ class MetricGate:
         self._warned_full = False
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = timestamp_ms or int(time.time() * 1000)
@@ -122,7 +123,7 @@ class MetricGate:
             done = threading.Thread(target=self._commits.join, daemon=True)
             done.start()
             done.join(timeout_s)
-        if not success and self.release_on_failure:
+        if not success and self.final:
             self.commit(EVERYTHING)
         elif not success:
             with self._lock:

@@ -215,6 +215,9 @@ class MLflowRunLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         if self._sender is not None:
+            ends_run = status == "success" or self.gate.final
             self.gate.finish(success=status == "success")
-            self._sender.close(timeout_s=120)  # the job waits for MLflow rather than lose metrics
+            # When the run ends here, wait for a tracking server that is down rather than lose metrics; when a
+            # retry follows, the last checkpoint carries what is unsent and the next attempt sends it.
+            self._sender.close(timeout_s=120 if ends_run else 5)
             self._sender = None
