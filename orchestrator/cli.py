@@ -118,6 +118,19 @@ def plan(
 
 
 @app.command()
+def resume(
+    run: str = typer.Argument(..., help="The MLflow run id (or Ray job id) of a stopped, failed or orphaned job."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db"),
+    force: bool = typer.Option(False, "--force", help="Resume a run marked RUNNING whose driver ran on another machine."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Continue a job from its latest checkpoint, into the same MLflow run, with the same resolved spec."""
+    from orchestrator.resume import resume_job
+
+    raise typer.Exit(resume_job(run, tracking_uri, force, console, err_console, verbose, STARTED_AT))
+
+
+@app.command()
 def ui(
     run: Optional[str] = typer.Option(None, "--run", help="Print the address of this run's page."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db"),

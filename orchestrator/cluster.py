@@ -27,6 +27,10 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # Ray Train's controller polls workers every 2 s and each worker's report queue holds one entry,
         # so a report waits up to 2 s for the previous one to be taken: checkpoints of short epochs stall.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
+        # MLflow's client retries a dead server for minutes inside one call; the metric sender retries on its
+        # own (tracking/logger.py), so a call fails fast and the metrics go out soon after the server is back.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
     }
     if not verbose:
         env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"

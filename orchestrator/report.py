@@ -102,7 +102,7 @@ def _offered(plan: Plan) -> str:
 def print_outcome(console: Console, spec: JobSpec, outcome) -> None:
     style = {"FINISHED": "bold green", "KILLED": "bold yellow"}.get(outcome.status, "bold red")
     if outcome.error:
-        console.print(outcome.error, markup=False, highlight=False)
+        console.print(outcome.error, markup=False, highlight=False, soft_wrap=True)  # paths stay copyable
     if outcome.metrics:
         table = Table(title="final metrics", title_justify="left")
         table.add_column("metric")

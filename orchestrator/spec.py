@@ -122,6 +122,9 @@ class CheckpointSpec(_Section):
     monitor: str | None = None
     mode: Literal["min", "max"] = "min"
     storage_path: str | None = None
+    # Ctrl-C / SIGTERM / `orch stop`: how long the driver waits for the workers to write a checkpoint
+    # before it stops them anyway; 0 stops at once and resumes from the last periodic checkpoint.
+    stop_timeout_s: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> CheckpointSpec:
@@ -134,6 +137,10 @@ class CheckpointSpec(_Section):
 
 class FailureSpec(_Section):
     max_failures: int = Field(default=0, ge=-1)
+    # A NaN/inf loss or gradient: "stop" fails the job naming the step and rank (it would recur on every
+    # retry, so it is never retried); "skip" drops that optimizer step on every rank and goes on.
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = Field(default=10, ge=1)
 
 
 class TrackingSpec(_Section):

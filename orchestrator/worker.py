@@ -15,6 +15,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from orchestrator.callbacks import ProgressReporter, RayCheckpointReporter, checkpoint_path
     from orchestrator.classpath import instantiate
+    from orchestrator.distributed import build_strategy, prepare_model, scale_callbacks, trainer_gradient_clip
+    from orchestrator.determinism import ExactResume
+    from orchestrator.faults import FaultGuard, StopRequested, restored_metrics
     from orchestrator.spec import JobSpec
     from orchestrator.tracking.logger import MLflowRunLogger
 
@@ -29,10 +32,17 @@ def train_loop(config: dict[str, Any]) -> None:
     data = instantiate(spec.data.model_dump())
     strategy = build_strategy(spec, model)
     prepare_model(spec, model)  # activation checkpointing and torch.compile, per the spec
-    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"])
+    restored = ray.train.get_checkpoint()  # a restarted attempt, or `orch resume`
+    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"], resumed=restored is not None,
+                             replay=restored_metrics(restored) if context.get_world_rank() == 0 else None)
+    reporter = RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps)
     callbacks: list[pl.Callback] = [
-        RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps),
+        reporter,
+        FaultGuard(config.get("board"), spec.failure.nonfinite_loss, spec.failure.max_consecutive_skips, reporter,
+                   spec.failure.max_failures),
     ]
+    if spec.trainer.seed is not None:
+        callbacks.append(ExactResume(spec.trainer.seed))
     if config.get("board") is not None:
         callbacks.append(ProgressReporter(config["board"], context.get_world_size()))
     callbacks += scale_callbacks(spec)
@@ -64,32 +74,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     trainer = prepare_trainer(trainer)
     _record_hosts(config, context)
-    trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(ray.train.get_checkpoint()))
-
-
-def build_strategy(spec, model):
-    """Ray's strategy for scaling.strategy with its typed options (orchestrator.distributed)."""
-    from orchestrator.distributed import build_strategy as build
-
-    return build(spec, model)
-
-
-def prepare_model(spec, model) -> None:
-    from orchestrator.distributed import prepare_model as prepare
-
-    prepare(spec, model)
-
-
-def scale_callbacks(spec) -> list:
-    from orchestrator.distributed import scale_callbacks as callbacks
-
-    return callbacks(spec)
-
-
-def trainer_gradient_clip(spec) -> float | None:
-    from orchestrator.distributed import trainer_gradient_clip as clip
-
-    return clip(spec)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
+    except StopRequested:  # Ctrl-C / `orch stop`: the checkpoint is reported; a clean end for Ray Train
+        return
 
 
 def _ray_environment():
@@ -110,7 +98,10 @@ def _record_hosts(config: dict[str, Any], context) -> None:
     if context.get_world_rank() == 0:
         from mlflow import MlflowClient
 
-        MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], "orch.hostnames", ",".join(sorted(set(hosts))))
+        try:
+            MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], "orch.hostnames", ",".join(sorted(set(hosts))))
+        except Exception as exc:  # a tracking outage must not stop training; the metrics are buffered
+            logging.getLogger(__name__).warning("could not tag the run with its hosts: %s", exc)
 
 
 def _quiet() -> None:

@@ -82,6 +82,21 @@ class RunRecord:
         self.run_id = run.info.run_id
         self.run_name = run.info.run_name
 
+    @classmethod
+    def reopen(cls, tracking_uri: str, run_id: str) -> RunRecord:
+        """An existing run, marked RUNNING again (`orch resume`): its params, metrics and artifacts stay."""
+        from mlflow import MlflowClient
+
+        record = cls.__new__(cls)
+        record.client = MlflowClient(tracking_uri)
+        record.tracking_uri = tracking_uri
+        run = record.client.get_run(run_id)
+        record.experiment_id, record.run_id, record.run_name = run.info.experiment_id, run_id, run.info.run_name
+        record.client.update_run(run_id, status="RUNNING")
+        if "orch.error" in run.data.tags:  # how it ended before is kept in orch.resume.<n>.after
+            record.client.delete_tag(run_id, "orch.error")
+        return record
+
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
