@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -44,6 +45,8 @@ def run_tags(spec: JobSpec, plan: Plan, source: str) -> dict[str, str]:
         "mlflow.source.name": "orch submit",
         **spec.tracking.tags,
     }
+    if os.environ.get("ORCH_RAY_JOB_ID"):  # the Ray job this driver runs as: the run names its job
+        tags["orch.ray_job_id"] = os.environ["ORCH_RAY_JOB_ID"]
     return tags
 
 
@@ -67,7 +70,7 @@ def ray_configs(spec: JobSpec, plan: Plan, ray_run_name: str) -> dict[str, Any]:
 
 
 def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,
-           started_at: float | None = None) -> Outcome:
+           started_at: float | None = None, run_id: str | None = None) -> Outcome:
     from orchestrator.cluster import check_cluster_fit, connect, requested_address
     from orchestrator.tracking.run import RunRecord, check_tracking
 
@@ -86,9 +89,12 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         connect(address, verbose)
         interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
         if address is not None:
-            check_cluster_fit(source, plan.world_size, plan.resources_per_worker)
+            waiting = check_cluster_fit(source, plan)
+            if waiting:
+                console.print(f"[yellow]{waiting}[/]", highlight=False)
         ray_ready_s = time.time() - started_at
-        record = RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source))
+        record = RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source),
+                           run_id=run_id)
     except BaseException:
         disconnect()  # nothing was recorded; leave nothing running either
         raise
@@ -205,7 +211,7 @@ def _fit_into(trainer, box: dict[str, Any]) -> None:
 
 
 def _trainer(spec, configs, record, board, verbose):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.worker import train_loop
@@ -224,6 +230,7 @@ def _trainer(spec, configs, record, board, verbose):
             **configs["run"],
             failure_config=FailureConfig(**configs["failure"]),
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )
 
