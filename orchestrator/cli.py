@@ -68,7 +68,12 @@ def submit(
 ) -> None:
     """Train a job: validate, plan, run on Ray Train, record in MLflow."""
     user_overrides = list(overrides or [])
-    spec, plan = _prepare(job, user_overrides + ([f"cluster.address={cluster}"] if cluster else []))
+    all_overrides = user_overrides + ([f"cluster.address={cluster}"] if cluster else [])
+    if not dry_run:
+        from orchestrator.cli_cluster import preflight
+
+        preflight(job, all_overrides)  # a cluster that cannot take the job says so before torch is even imported
+    spec, plan = _prepare(job, all_overrides)
     if dry_run:
         from orchestrator.report import print_plan
 

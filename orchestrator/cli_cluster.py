@@ -166,6 +166,48 @@ def job_stop(job_id: str = typer.Argument(..., help="The job id."),
         _fail(f"job {job_id} is still {job.status} after {wait:g} s", code=1)
 
 
+def preflight(job: Path, overrides: list[str]) -> None:
+    """For a Jobs API address: refuse a job the cluster can never hold, or an unreachable cluster, in seconds.
+
+    Only the spec is needed (workers, resources, placement), so this runs before the plan builds the model.
+    """
+    from orchestrator.capacity import assess
+    from orchestrator.cluster import ClusterUnavailable, check_reachable, requested_address
+    from orchestrator.errors import SpecError
+    from orchestrator.jobs_client import ClusterClient, is_jobs_address
+    from orchestrator.loader import load_spec
+    from orchestrator.remote_submit import check_package, inspect_package, job_file_in
+
+    try:
+        spec = load_spec(job, overrides)
+    except SpecError:
+        return  # `_prepare` reports it, with the same words as without a cluster
+    address = requested_address(spec.cluster.address)
+    if address and not is_jobs_address(address) and address != "auto":
+        try:
+            check_reachable(address)  # joining as a driver: the same answer, before the model is built
+        except ClusterUnavailable as exc:
+            _fail(str(exc))
+    if not is_jobs_address(address):
+        return
+    per_worker = {"CPU": spec.scaling.cpus_per_worker} | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {})
+    try:
+        verdict = assess(spec.scaling.num_workers, per_worker, spec.scaling.placement, ClusterClient(address).nodes)
+    except ClusterUnavailable as exc:
+        _fail(str(exc))
+    for problem in verdict.problems:
+        err_console.print(f"[bold red]error:[/] {job}: scaling: {problem}; nothing was sent to {address}",
+                          highlight=False, soft_wrap=True)
+    if verdict.problems:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        check_package(inspect_package(Path.cwd()), job_file_in(job, Path.cwd()))
+    except SpecError as exc:
+        for problem in exc.problems:
+            err_console.print(f"[bold red]error:[/] {problem.render()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
 def submit_to_cluster(spec, plan, job: Path, overrides: list[str], address: str, detach: bool, verbose: bool) -> int:
     """`orch submit --cluster http://…`: send, then follow to the end unless --detach."""
     import sys

@@ -94,7 +94,9 @@ def up(console, host: str = "127.0.0.1", dashboard_host: str = "127.0.0.1", num_
     try:
         mlflow = _start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                          f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "mlartifacts"),
-                         "--host", host, "--port", str(mlflow_port), "--workers", "1"],
+                         "--host", host, "--port", str(mlflow_port), "--workers", "1",
+                         # MLflow answers only the Host names it expects (DNS-rebinding guard): this address too.
+                         "--allowed-hosts", f"{_url_host(host)}:{mlflow_port},localhost:*,127.0.0.1:*"],
                         env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, state["logs"]["mlflow"], started)
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                    "--node-ip-address", host, "--node-name", "head", "--dashboard-host", dashboard_host,
@@ -110,7 +112,9 @@ def up(console, host: str = "127.0.0.1", dashboard_host: str = "127.0.0.1", num_
         _wait_ready(state, ray, mlflow, timeout_s)
     except BaseException:
         for process in started:
-            _stop_tree(_identity(process.pid), grace_s=10)
+            if process.poll() is None:
+                _stop_tree({"pid": process.pid, "create_time": _identity(process.pid)["create_time"]}, grace_s=10,
+                           whole_family=True)
         token_path.unlink(missing_ok=True)
         raise
     state_file().write_text(json.dumps(state, indent=2))
@@ -126,8 +130,9 @@ def down(console, stop_jobs: bool = True) -> bool:
         return False
     if stop_jobs:
         _stop_running_jobs(console, state)
-    for name in ("ray", "mlflow"):
-        _stop_tree(state["processes"].get(name), grace_s=90 if name == "ray" else 15)
+    # `ray start --block` stops the Ray processes it started itself, gracefully, on SIGTERM.
+    _stop_tree(state["processes"]["ray"], grace_s=90)
+    _stop_tree(state["processes"]["mlflow"], grace_s=15, whole_family=True)
     Path(state["token_path"]).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     console.print(f"stopped the local cluster (Ray head pid {state['processes']['ray']['pid']}, MLflow server pid "
@@ -140,7 +145,7 @@ def _clear_stale() -> None:
     path = state_file()
     if path.is_file() and load_state() is None:
         stale = json.loads(path.read_text())
-        _stop_tree(stale["processes"].get("mlflow"), grace_s=10)
+        _stop_tree(stale["processes"].get("mlflow"), grace_s=10, whole_family=True)
         Path(stale["token_path"]).unlink(missing_ok=True)
         path.unlink()
 
@@ -155,6 +160,8 @@ def _head_env(state: dict[str, Any], ports: dict[str, int]) -> dict[str, str]:
         "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"]),
         "DASHBOARD_METRIC_PORT": str(ports["dashboard_metrics"]),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # `down` stops the jobs gracefully itself; Ray's own drain on SIGTERM (for Serve) only adds 30 s.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         # What jobs on this cluster use when their spec names no tracking URI or checkpoint folder.
         "MLFLOW_TRACKING_URI": state["mlflow_url"],
         "ORCH_STORAGE_PATH": state["storage_path"],
@@ -243,15 +250,20 @@ def _alive(identity: dict[str, Any] | None) -> bool:
         return False
 
 
-def _stop_tree(identity: dict[str, Any] | None, grace_s: float) -> None:
-    """SIGTERM the recorded process, then SIGKILL whatever of it and its children outlives the grace period."""
+def _stop_tree(identity: dict[str, Any] | None, grace_s: float, whole_family: bool = False) -> None:
+    """SIGTERM the recorded process (and its children too when `whole_family`: the MLflow server's launcher
+    does not pass the signal on), then SIGKILL whatever of them outlives the grace period."""
     import psutil
 
     if not _alive(identity):
         return
     root = psutil.Process(identity["pid"])
     family = [root, *root.children(recursive=True)]
-    root.send_signal(signal.SIGTERM)
+    for process in family if whole_family else [root]:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
     _, alive = psutil.wait_procs(family, timeout=grace_s)
     for process in alive:
         try:

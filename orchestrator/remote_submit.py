@@ -126,7 +126,7 @@ def submit_remote(spec: JobSpec, plan: Plan, job: Path, overrides: list[str], ad
         raise ResourceError([Problem(source, "scaling", f"{p}; nothing was sent to {address}") for p in verdict.problems])
     pinned, tracking = cluster_overrides(spec, source, client)
     root = Path.cwd()
-    job_file = _relative_to(job, root, source)
+    job_file = job_file_in(job, root)
     package = inspect_package(root)
     check_package(package, job_file)
     check_tracking(tracking)
@@ -142,6 +142,8 @@ def submit_remote(spec: JobSpec, plan: Plan, job: Path, overrides: list[str], ad
             entrypoint=shlex.join(arguments), submission_id=job_id,
             runtime_env={"working_dir": str(root), "excludes": GIT_EXCLUDES, "env_vars": {
                 "ORCH_RAY_JOB_ID": job_id,
+                # Ray folds log lines that differ only in numbers ("[repeated 2x]"): here, the rank is the number.
+                "RAY_DEDUP_LOGS": "0",
                 # stop_job's SIGTERM-to-SIGKILL wait, read by the job's supervisor: time to checkpoint and close the run.
                 "RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_GRACE_S))}},
             metadata={META_RUN_ID: record.run_id, META_EXPERIMENT: spec.experiment, META_NAME: spec.name,
@@ -157,7 +159,9 @@ def submit_remote(spec: JobSpec, plan: Plan, job: Path, overrides: list[str], ad
     return client, job_id, tracking
 
 
-def _relative_to(job: Path, root: Path, source: str) -> str:
+def job_file_in(job: Path, root: Path) -> str:
+    """The job file's path inside the uploaded folder: where the driver on the head opens it."""
+    source = str(job)
     try:
         return job.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:

@@ -101,8 +101,10 @@ def _record_hosts(config: dict[str, Any], context) -> None:
 
 def _quiet() -> None:
     """Lightning's start-up banners and known deprecation chatter; `--verbose` keeps them."""
-    # The last one logs every ray.train.report at INFO: a line per rank per checkpoint in a job's log.
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "ray.train.v2._internal.execution.context"):
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report at INFO, a line per rank per checkpoint, on a logger named by its file path.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", train_context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
