@@ -172,7 +172,7 @@ def preflight(job: Path, overrides: list[str]) -> None:
     Only the spec is needed (workers, resources, placement), so this runs before the plan builds the model.
     """
     from orchestrator.capacity import assess
-    from orchestrator.cluster import ClusterUnavailable, check_reachable, requested_address
+    from orchestrator.cluster import ClusterUnavailable, requested_address
     from orchestrator.errors import SpecError
     from orchestrator.jobs_client import ClusterClient, is_jobs_address
     from orchestrator.loader import load_spec
@@ -183,12 +183,7 @@ def preflight(job: Path, overrides: list[str]) -> None:
     except SpecError:
         return  # `_prepare` reports it, with the same words as without a cluster
     address = requested_address(spec.cluster.address)
-    if address and not is_jobs_address(address) and address != "auto":
-        try:
-            check_reachable(address)  # joining as a driver: the same answer, before the model is built
-        except ClusterUnavailable as exc:
-            _fail(str(exc))
-    if not is_jobs_address(address):
+    if not is_jobs_address(address):  # joining as a driver: checked after the spec's classes, as before
         return
     per_worker = {"CPU": spec.scaling.cpus_per_worker} | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {})
     try:

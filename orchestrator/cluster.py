@@ -32,6 +32,9 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # so a report waits up to 2 s for the previous one to be taken: checkpoints of short epochs stall.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
     }
+    if os.environ.get("ORCH_RAY_JOB_ID") and os.environ.get("RAY_ADDRESS"):
+        # Ray Train's helper actors find the cluster by address; "auto" is ambiguous with two clusters on a machine.
+        env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
     if not verbose:
         env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
     return env

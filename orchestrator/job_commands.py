@@ -7,6 +7,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED
@@ -70,7 +71,8 @@ def print_status(console: Console, client: ClusterClient, job_id: str) -> JobVie
             ("started", _when(job.start_time)), ("ended", _when(job.end_time)), ("duration", _duration(job)),
             ("driver node", names.get(job.driver_node_id or "", job.driver_node_id or "-")),
             ("MLflow run", f"{job.run_id or '-'}" + (f" ({run_status})" if run_status else "")),
-            ("tracking", job.metadata.get(META_TRACKING, "-")), ("entrypoint", job.entrypoint)]
+            ("tracking", job.metadata.get(META_TRACKING, "-")),
+            ("entrypoint", re.sub(r"://[^/@\s]+@", "://***@", job.entrypoint))]  # no user:password from URIs
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -150,7 +152,7 @@ def _wants_stop(console: Console, job_id: str, interactive: bool) -> bool:
         return False
     try:
         answer = console.input(f"\nstop job {job_id} (its run is closed as KILLED) or detach and leave it running? "
-                               f"[s]top / [d]etach: ")
+                               f"{escape('[s]top / [d]etach')}: ")
     except (KeyboardInterrupt, EOFError):
         return False
     return answer.strip().lower().startswith("s")

@@ -26,9 +26,11 @@ LABELS_FLAG = re.compile(r"--labels[= ]['\"]?([^'\"\s]+)")
 
 
 def ray_schema() -> dict[str, Any]:
-    import ray.autoscaler
+    """Read from the installed package without importing Ray (an import fixes Ray's auth mode for the process)."""
+    import importlib.util
 
-    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    package = Path(importlib.util.find_spec("ray").origin).parent
+    return json.loads((package / "autoscaler" / "ray-schema.json").read_text())
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def submit_remote(spec: JobSpec, plan: Plan, job: Path, overrides: list[str], ad
     job_id = f"orch-{spec.name}-{secrets.token_hex(3)}"
     tags = run_tags(spec, plan, source) | {"orch.ray_job_id": job_id, "orch.cluster": address}
     record = RunRecord(tracking, spec.experiment, spec.tracking.run_name, tags)
-    arguments = ["python", "-m", "orchestrator", "submit", job_file, *overrides, *pinned, "--cluster", "auto",
+    arguments = ["python3", "-m", "orchestrator", "submit", job_file, *overrides, *pinned, "--cluster", "auto",
                  "--attach-run", record.run_id] + (["--verbose"] if verbose else [])
     from orchestrator.local_cluster import STOP_GRACE_S
 

@@ -7,6 +7,8 @@ each. Runs are recorded in the cluster's own MLflow server, found through the he
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import shutil
 import signal
@@ -72,7 +74,7 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_names_its_run(cl
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     job_id = submitted_id(output)
-    assert f"job {job_id}: SUCCEEDED" in output
+    assert f"job {job_id}: SUCCEEDED" in output and "Traceback" not in output, output
     placed = re.findall(r"\[rank (\d) @ ([\w.-]+)\] probe: rank \1 of 2 on node (\w+)", output)
     assert sorted(rank for rank, _, _ in placed) == ["0", "1"], output
     assert {node for _, node, _ in placed} == {"head", "node-2"}, placed  # labelled by node: one worker each
@@ -108,18 +110,24 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_names_its_run(cl
 def test_ctrl_c_detaches_a_queued_job_waits_and_stop_closes_runs_killed(cluster, project):
     home, state = cluster
     env = shell_env(home)
+    # A terminal on stdin, as a user has: Ctrl-C asks whether to stop the job or detach; the answer is "d".
+    terminal, stdin = pty.openpty()
     follower = subprocess.Popen([ORCH, "submit", "job.yaml", "trainer.max_epochs=500", "model.init_args.sleep_per_step=0.05",
-                                 "--cluster", state["dashboard_url"]], env=env, cwd=project, text=True,
+                                 "--cluster", state["dashboard_url"]], env=env, cwd=project, text=True, stdin=stdin,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.close(stdin)
     try:
         seen = wait_for_line(follower, "epoch 1 ", timeout=240)
         follower.send_signal(signal.SIGINT)
+        time.sleep(1)
+        os.write(terminal, b"d\n")  # waits in the terminal until the prompt reads it
         rest, _ = follower.communicate(timeout=60)
     finally:
         if follower.poll() is None:
             follower.kill()
+        os.close(terminal)
     TRANSCRIPT.append(seen + rest)
-    assert follower.returncode == 0 and "detached" in rest, seen + rest
+    assert "[s]top / [d]etach" in rest and "detached" in rest and follower.returncode == 0, seen + rest
     long_job = submitted_id(seen)
     assert "RUNNING" in orch(["status", long_job], env=env).stdout
 
