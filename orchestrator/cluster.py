@@ -111,7 +111,7 @@ def cluster_nodes() -> list:
                       available=dict(free.get(node["NodeID"], node["Resources"])),
                       host=node.get("NodeManagerHostname") or node["NodeManagerAddress"],
                       labels=dict(node.get("Labels") or {}))
-            for node in ray.nodes() if node.get("Alive")]
+            for node in sorted(ray.nodes(), key=lambda n: n.get("NodeName") or "") if node.get("Alive")]
 
 
 def check_cluster_fit(source: str, plan) -> str | None:

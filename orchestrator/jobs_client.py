@@ -153,7 +153,7 @@ class ClusterClient:
                                     labels=dict(node.get("labels") or {})))
             offers[-1].labels.setdefault("orch.io/node-ip", node["node_ip"])
             offers[-1].labels.setdefault("orch.io/node-id", node["node_id"])
-        return offers
+        return sorted(offers, key=lambda offer: (not offer.is_head, offer.name))  # head first, then by name
 
     def head(self) -> NodeOffer | None:
         return next((node for node in self.nodes if node.is_head), None)
