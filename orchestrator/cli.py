@@ -61,22 +61,43 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the plan; start nothing."),
     force: bool = typer.Option(False, "--force", help="Run even when the planned peak memory per worker does not fit."),
     verbose: bool = VerboseOpt,
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", "-c", help="Where to run; sets cluster.address. http://HOST:PORT (a Ray dashboard): sent "
+        "as a Ray job. HOST:PORT or auto: joined directly. Default: cluster.address, ORCH_CLUSTER, RAY_ADDRESS, "
+        "else Ray in this process."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="With a dashboard address: print the job id and return."),
+    attach_run: Optional[str] = typer.Option(None, "--attach-run", hidden=True,
+                                             help="Record into this MLflow run (set by --cluster http://...)."),
 ) -> None:
     """Train a job: validate, plan, run on Ray Train, record in MLflow."""
-    spec, plan = _prepare(job, overrides, check_memory=not force)
+    user_overrides = list(overrides or [])
+    all_overrides = user_overrides + ([f"cluster.address={cluster}"] if cluster else [])
+    if not dry_run:
+        from orchestrator.cli_cluster import preflight
+
+        preflight(job, all_overrides)  # a cluster that cannot take the job says so before torch is even imported
+    spec, plan = _prepare(job, all_overrides, check_memory=not force)
     if dry_run:
         from orchestrator.report import print_plan
 
         print_plan(console, spec, plan)
         console.print("[dim]dry run: nothing was started and no MLflow run was opened.[/]")
         return
-    from orchestrator.cluster import ClusterUnavailable
+    from orchestrator.cluster import ClusterUnavailable, requested_address
+    from orchestrator.jobs_client import is_jobs_address
+
+    address = requested_address(spec.cluster.address)
+    if is_jobs_address(address):
+        from orchestrator.cli_cluster import submit_to_cluster
+
+        raise typer.Exit(submit_to_cluster(spec, plan, job, user_overrides, address, detach, verbose))
     from orchestrator.launch import submit as launch_submit
     from orchestrator.report import print_outcome
     from orchestrator.tracking.run import TrackingUnavailable
 
     try:
-        outcome = launch_submit(spec, plan, str(job), console, verbose=verbose, started_at=STARTED_AT)
+        outcome = launch_submit(spec, plan, str(job), console, verbose=verbose, started_at=STARTED_AT,
+                                run_id=attach_run)
     except SpecError as exc:
         _fail_on_spec_error(exc)
     except (TrackingUnavailable, ClusterUnavailable) as exc:
@@ -142,6 +163,10 @@ def ui(
 
     raise typer.Exit(serve_ui(console, tracking_uri, host, port, run))
 
+
+from orchestrator.cli_cluster import register  # noqa: E402  (cluster and job commands; imports only typer)
+
+register(app)
 
 if __name__ == "__main__":
     app()

@@ -47,6 +47,8 @@ def run_tags(spec: JobSpec, plan: Plan, source: str) -> dict[str, str]:
         "mlflow.source.name": "orch submit",
         **spec.tracking.tags,
     }
+    if os.environ.get("ORCH_RAY_JOB_ID"):  # the Ray job this driver runs as: the run names its job
+        tags["orch.ray_job_id"] = os.environ["ORCH_RAY_JOB_ID"]
     return tags
 
 
@@ -70,8 +72,9 @@ def ray_configs(spec: JobSpec, plan: Plan, ray_run_name: str) -> dict[str, Any]:
 
 
 def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,
-           started_at: float | None = None, resume=None) -> Outcome:
-    """`resume` (resume.ResumeTarget): continue that run's Ray Train run and MLflow run instead of new ones."""
+           started_at: float | None = None, resume=None, run_id: str | None = None) -> Outcome:
+    """`resume` (resume.ResumeTarget): continue that run's Ray Train run and MLflow run instead of new ones;
+    `run_id`: record into a run the client opened before sending the job to a cluster (`--attach-run`)."""
     from orchestrator.cluster import check_cluster_fit, connect, requested_address
     from orchestrator.recovery import check_storage
     from orchestrator.tracking.run import RunRecord, check_tracking
@@ -92,10 +95,13 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         connect(address, verbose)
         interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
         if address is not None:
-            check_cluster_fit(source, plan.world_size, plan.resources_per_worker)
+            waiting = check_cluster_fit(source, plan)
+            if waiting:
+                console.print(f"[yellow]{waiting}[/]", highlight=False)
         ray_ready_s = time.time() - started_at
         record = RunRecord.reopen(plan.tracking_uri, resume.run_id) if resume else \
-            RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source))
+            RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source),
+                      run_id=run_id)
     except BaseException:
         disconnect()  # nothing was recorded; leave nothing running either
         raise
@@ -240,7 +246,7 @@ def _fit_into(trainer, box: dict[str, Any], done: threading.Event) -> None:
 
 
 def _trainer(spec, configs, record, board, verbose):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.attempts import AttemptRecorder
@@ -261,6 +267,7 @@ def _trainer(spec, configs, record, board, verbose):
             failure_config=FailureConfig(**configs["failure"]),
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )
 

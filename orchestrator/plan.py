@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ def build_plan(spec: JobSpec, source: str, check_fit: bool = True, check_memory:
 
 
 def storage_path(spec: JobSpec) -> str:
-    path = spec.checkpoint.storage_path or DEFAULT_STORAGE_FOLDER
+    """The spec's folder, else the cluster's (ORCH_STORAGE_PATH on its head), else ./orch_runs.
+
+    A Ray job's working folder is a temporary copy, so a job on a cluster with no default keeps ~/orch_runs.
+    """
+    default = "~/orch_runs" if os.environ.get("ORCH_RAY_JOB_ID") else DEFAULT_STORAGE_FOLDER
+    path = spec.checkpoint.storage_path or os.environ.get("ORCH_STORAGE_PATH") or default
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 

@@ -25,6 +25,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if not config.get("verbose"):
         _quiet()
     context = ray.train.get_context()
+    from orchestrator.output_labels import label_worker_output, node_name
+
+    label_worker_output(context.get_world_rank(), node_name())  # `orch logs` tells ranks and nodes apart
     if spec.trainer.seed is not None:
         pl.seed_everything(spec.trainer.seed, workers=True, verbose=False)
 
@@ -106,7 +109,10 @@ def _record_hosts(config: dict[str, Any], context) -> None:
 
 def _quiet() -> None:
     """Lightning's start-up banners and known deprecation chatter; `--verbose` keeps them."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report at INFO, a line per rank per checkpoint, on a logger named by its file path.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", train_context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")

@@ -67,16 +67,25 @@ def git_state(folder: Path) -> tuple[str | None, bool]:
 class RunRecord:
     """One MLflow run per job, created here so its id can be handed to the workers."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str]):
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
+                 run_id: str | None = None):
+        """run_id: take over a run opened elsewhere (by `orch submit --cluster http://…` before it sent the job)."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
+
+        from mlflow.entities import RunTag
 
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            if run_id:
+                run = self.client.get_run(run_id)
+                self.experiment_id = run.info.experiment_id
+                self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items()])
+            else:
+                found = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         except MlflowException as exc:
             raise TrackingUnavailable(f"cannot open an MLflow run at {redact(tracking_uri)}: {exc.message}") from None
         self.run_id = run.info.run_id
