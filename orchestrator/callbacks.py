@@ -127,7 +127,8 @@ class RayCheckpointReporter(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._pending is not None:  # other ranks may be gone: no collective report now
-            shutil.rmtree(self._pending[0], ignore_errors=True)
+            if trainer.local_rank == 0:
+                _remove_node_folder(self._pending[0])
             self._pending = None
 
     def save_for_stop(self, trainer: pl.Trainer) -> None:
@@ -141,16 +142,18 @@ class RayCheckpointReporter(pl.Callback):
         self._send(trainer)
         self._last_saved_step = trainer.global_step
         metrics = {**scalar_metrics(trainer), "epoch": trainer.current_epoch, "step": trainer.global_step}
-        # One folder name for all ranks: FSDP broadcasts rank 0's path and every rank writes its shard there
-        # (DDP: rank 0 alone writes). Each node's local rank 0 reports what its node wrote; Ray merges them.
+        # One folder per node under a name all ranks share: Lightning's FSDP broadcasts rank 0's path and
+        # every rank writes its shard there (DDP: rank 0 alone writes). Each node's local rank 0 reports
+        # what its node wrote and Ray merges the uploads. The node sub-folder matters when two Ray nodes
+        # share a /tmp (two nodes on one host): neither may upload, or delete, the other's files.
         name = tempfile.mkdtemp(prefix="orch-ckpt-") if trainer.global_rank == 0 else None
-        folder = Path(trainer.strategy.broadcast(name))
+        folder = Path(trainer.strategy.broadcast(name)) / f"node-{trainer.node_rank}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
             trainer.save_checkpoint(folder / CHECKPOINT_FILE)
         except BaseException:
             if trainer.local_rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove_node_folder(folder)
             raise
         self._pending = (folder, metrics, covered_step)
 
@@ -176,7 +179,16 @@ class RayCheckpointReporter(pl.Callback):
                 gate.commit_when(covered_step, _wait_until_committed)
         finally:
             if trainer.local_rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove_node_folder(folder)
+
+
+def _remove_node_folder(folder: Path) -> None:
+    """Remove this node's checkpoint folder, and the shared parent once no other node's folder is left in it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # fails while another node on this host is still uploading its folder
+    except OSError:
+        pass
 
 
 def logged_step(trainer: pl.Trainer) -> int:
