@@ -18,13 +18,25 @@ from fake_nvml import API, FakeGpu, FakeNvml
 sys.path.insert(0, str(ASSETS / "telemetry_project"))
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for the module (creating one costs seconds); each test gets its own run in it."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture
-def run(tracking_uri):
+def tracking_uri(store) -> str:
+    return store
+
+
+@pytest.fixture
+def run(tracking_uri, request):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    run_id = client.create_run(client.create_experiment("telemetry-units")).info.run_id
-    return client, run_id
+    experiment = client.get_experiment_by_name("telemetry-units")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("telemetry-units")
+    return client, client.create_run(experiment_id, run_name=request.node.name).info.run_id
 
 
 def sampler(tracking_uri, run_id, node, nvml=None, gpus=None, interval_s=0.1):
@@ -155,7 +167,8 @@ def test_two_nodes_sampling_into_one_run_do_not_collide(tracking_uri, run):
 
 
 def test_node_labels_tell_apart_hosts_that_share_a_name():
-    from orchestrator.tracking.system import node_label, safe_label
+    from orchestrator.tracking.nodes import node_label
+    from orchestrator.tracking.system import safe_label
 
     everyone = [{"host": "worker", "node_key": "aaaaaaaa1111"}, {"host": "worker", "node_key": "bbbbbbbb2222"},
                 {"host": "gpu-7.example.com", "node_key": "cccc"}]
@@ -290,7 +303,7 @@ def test_a_flop_formula_that_raises_falls_back_to_counting():
 
 def test_tracking_switches_pick_the_callbacks():
     from orchestrator.spec import TrackingSpec
-    from orchestrator.tracking.system import SystemMetricsCallback
+    from orchestrator.tracking.nodes import SystemMetricsCallback
     from orchestrator.tracking.throughput import ThroughputMonitor, telemetry_callbacks
 
     (both,) = telemetry_callbacks(TrackingSpec(), "sqlite:///x.db", "run")

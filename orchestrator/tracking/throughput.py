@@ -201,7 +201,7 @@ class ThroughputMonitor(pl.Callback):
         return figures
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from orchestrator.tracking.system import all_gather
+        from orchestrator.tracking.nodes import all_gather
 
         everyone = all_gather(self.rank_figures(trainer.global_rank), trainer)
         if trainer.global_rank != 0:
@@ -291,7 +291,7 @@ def _peak_rss_bytes() -> float:
 
 def telemetry_callbacks(tracking, tracking_uri: str, run_id: str) -> list[pl.Callback]:
     """What the worker adds to the trainer for the spec's `tracking` section."""
-    from orchestrator.tracking.system import NodeSampling, SystemMetricsCallback
+    from orchestrator.tracking.nodes import NodeSampling, SystemMetricsCallback
 
     if tracking.throughput:
         sampling = NodeSampling(tracking_uri, run_id, tracking.system_metrics_interval) \
