@@ -355,3 +355,15 @@ def test_real_nvml_on_this_gpu(tracking_uri, run):
     assert 0 < metrics[f"{prefix}_sm_clock_mhz"] < 5000
     assert summary["summary/gpu-node/gpu_utilization_max_percentage"] > 0
     print("device row:", device_family(torch.cuda.get_device_name(0)))
+
+
+def test_a_sampling_interval_below_a_tenth_of_a_second_is_refused():
+    from orchestrator.errors import SpecError
+    from orchestrator.loader import load_spec
+
+    with pytest.raises(SpecError) as caught:
+        load_spec(ASSETS / "telemetry_project/job.yaml", ["tracking.system_metrics_interval=0.01"])
+    (problem,) = caught.value.problems
+    assert problem.field == "tracking.system_metrics_interval"
+    assert "0.1" in problem.message and "0.01" in problem.render()
+    assert load_spec(ASSETS / "telemetry_project/job.yaml", ["tracking.throughput=false"]).tracking.throughput is False
