@@ -150,6 +150,9 @@ def test_a_broken_host_reading_never_raises_and_is_reported_once(tracking_uri, r
     run_for(s)
     assert len(calls) >= 3 and not s._thread.is_alive()  # it kept trying, and stopped when told
     assert client.get_run(run_id).data.tags["orch.system_metrics.problem.node-a"].count("no /proc/meminfo") == 1
+    metrics = client.get_run(run_id).data.metrics
+    assert "system/node-a/cpu_utilization_percentage" in metrics  # the other readings went on
+    assert "system/node-a/system_memory_usage_megabytes" not in metrics
 
 
 def test_two_nodes_sampling_into_one_run_do_not_collide(tracking_uri, run):

@@ -104,6 +104,14 @@ class SystemSampler:
         if time.monotonic() - self._last_tick >= self.interval_s / 4:
             self._tick()  # the last stretch before the stop, unless it is too short to mean anything
 
+    def _tick(self) -> None:
+        try:
+            metrics = self.sample()
+            self._last_step = int((time.time() - self._run_start) / self.interval_s)
+            self.sender.add({self.prefix + k: v for k, v in metrics.items()}, self._last_step)
+        except Exception as exc:  # whatever it is, the thread goes on to the next sample
+            self._problem("sample", exc)
+
     def _begin(self) -> None:
         try:
             # Steps count samples from the run's start, so nodes line up and a restarted worker goes on.
@@ -117,36 +125,51 @@ class SystemSampler:
                 self._processes.append(psutil.Process(pid))
             except psutil.Error as exc:
                 self._problem("process", exc)
-        psutil.cpu_percent(None)  # the first call only sets the baseline
-        self._rates({})
+        # The first readings of cumulative counters only set the baseline for the next.
+        for kind, prime in (("cpu", lambda: psutil.cpu_percent(None)),
+                            ("disk and network counters", lambda: self._rates({}))):
+            try:
+                prime()
+            except Exception as exc:
+                self._problem(kind, exc)
         if self.gpus:
             self._open_gpus()
         self._last_tick = time.monotonic()
 
-    def _tick(self) -> None:
-        try:
-            metrics = self.sample()
-        except Exception as exc:  # psutil itself broken: report once, keep trying
-            self._problem("sample", exc)
-            return
-        self._last_step = int((time.time() - self._run_start) / self.interval_s)
-        try:
-            self.sender.add({self.prefix + k: v for k, v in metrics.items()}, self._last_step)
-        except Exception as exc:
-            self._problem("send", exc)
-
     # -- sampling ---------------------------------------------------------------------------------------------
     def sample(self) -> dict[str, float]:
+        """One reading of everything; a reading that fails is reported once and the others still count."""
+        metrics: dict[str, float] = {}
+        for kind, read in (("cpu", self._cpu_reading), ("memory", self._memory_reading),
+                           ("process memory", self._process_reading), ("disk usage", self._disk_reading),
+                           ("disk and network counters", self._rates)):
+            try:
+                read(metrics)
+            except Exception as exc:
+                self._problem(kind, exc)
+        if self._handles:
+            metrics.update(self._sample_gpus())
+        self._last_tick = time.monotonic()
+        return metrics
+
+    def _cpu_reading(self, metrics: dict[str, float]) -> None:
         import psutil
 
-        metrics: dict[str, float] = {}
-        cpu = psutil.cpu_percent(None)
+        cpu = psutil.cpu_percent(None)  # across all cores since the previous call
         metrics["cpu_utilization_percentage"] = cpu
         self._cpu[0] += cpu
         self._cpu[1] += 1
+
+    def _memory_reading(self, metrics: dict[str, float]) -> None:
+        import psutil
+
         memory = psutil.virtual_memory()
         metrics["system_memory_usage_megabytes"] = memory.used / MB
         metrics["system_memory_usage_percentage"] = memory.used / memory.total * 100
+
+    def _process_reading(self, metrics: dict[str, float]) -> None:
+        import psutil
+
         rss = 0
         for process in list(self._processes):
             try:
@@ -155,15 +178,11 @@ class SystemSampler:
                 self._processes.remove(process)
         if self._processes:
             metrics["training_processes_rss_megabytes"] = rss / MB
-        try:
-            metrics["disk_usage_percentage"] = psutil.disk_usage(self.disk_path).percent
-        except OSError as exc:
-            self._problem("disk usage", exc)
-        self._rates(metrics)
-        if self._handles:
-            metrics.update(self._sample_gpus())
-        self._last_tick = time.monotonic()
-        return metrics
+
+    def _disk_reading(self, metrics: dict[str, float]) -> None:
+        import psutil
+
+        metrics["disk_usage_percentage"] = psutil.disk_usage(self.disk_path).percent
 
     def _rates(self, metrics: dict[str, float]) -> None:
         """Disk and network throughput in MB/s since the previous sample (the counters are cumulative)."""
