@@ -75,20 +75,24 @@ class SystemMetricsCallback(pl.Callback):
 
 def describe_rank(trainer: pl.Trainer) -> dict[str, Any]:
     """What the node's sampler needs from every rank: which node it is on, its process and its GPU."""
+    # Every rank must reach the gather that follows, so nothing here may raise: what fails is left out.
     host = socket.gethostname()
     node_key = host
-    if "ray" in sys.modules:  # a Ray worker: Ray's node id tells apart hosts that share a name
-        import ray
-
-        if ray.is_initialized():
-            node_key = ray.get_runtime_context().get_node_id()
     gpu = None
-    device = trainer.strategy.root_device
-    if device.type == "cuda":
-        import torch
+    try:
+        if "ray" in sys.modules:  # a Ray worker: Ray's node id tells apart hosts that share a name
+            import ray
 
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        gpu = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+            if ray.is_initialized():
+                node_key = ray.get_runtime_context().get_node_id()
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            import torch
+
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            gpu = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    except Exception as exc:
+        log.warning("could not tell this rank's node or GPU for hardware sampling: %s", exc)
     return {"rank": trainer.global_rank, "host": host, "node_key": node_key, "pid": os.getpid(), "gpu": gpu}
 
 
