@@ -63,6 +63,16 @@ class StepClock(pl.Callback):
         return figures
 
 
+class EpochCommit(pl.Callback):
+    """Rank 0's logger holds metrics until a checkpoint commits (tracking/gate.py); the jobs measured here
+    checkpoint every epoch, so each epoch's end releases them, as a committed checkpoint would."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        gate = getattr(trainer.logger, "gate", None)
+        if gate is not None:
+            gate.commit(trainer.global_step)
+
+
 def tracking_threads_cpu() -> dict[int, float]:
     """CPU seconds used so far by each of tracking's background threads (metric senders, the hardware sampler)."""
     used = {}
@@ -102,6 +112,7 @@ def fit(name: str, steps: int, arm: str, store: str, metric_flush_s: float | Non
     run_id = client.create_run(experiment.experiment_id).info.run_id
     if arm != "off":
         logger = MLflowRunLogger(store, run_id)
+        callbacks.append(EpochCommit())
         if metric_flush_s is not None:  # what-if: the logger's sender flushing less often than it ships with
             from orchestrator.tracking.logger import MetricSender
 

@@ -89,43 +89,107 @@ def _total_steps(trainer: pl.Trainer) -> int | None:
 class RayCheckpointReporter(pl.Callback):
     """Save a Lightning checkpoint and report it, with the current metrics, to Ray Train.
 
-    Ray keeps the best `num_to_keep` by the monitored metric; Ray Train V2 drops metrics reported
-    without a checkpoint, so every report carries one.
+    Ray keeps the best `num_to_keep` by the monitored metric, and always the latest; Ray Train V2 drops
+    metrics reported without a checkpoint, so every report carries one. The file is written at the
+    trigger, but reported at the next batch start (or train end): the metrics Lightning logs for the
+    checkpointed step come after this hook, and the checkpoint carries them (tracking/gate.py).
     """
 
     def __init__(self, every_n_epochs: int | None, every_n_train_steps: int | None):
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
-        self._last_reported_step = -1
+        self.stopping = False  # a stop was requested: the checkpoint is written, the loop winds down
+        self._last_saved_step = -1
+        self._pending: tuple[Path, dict[str, Any], float] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._send(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0:
-            self._report(trainer)
+            self._save(trainer, covered_step=logged_step(trainer))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0:
-            self._report(trainer)
+        # An epoch cut short by a stop request is no resumable epoch end: the stop checkpoint stands.
+        if n and (trainer.current_epoch + 1) % n == 0 and not self.stopping:
+            self._save(trainer, covered_step=logged_step(trainer) - 1)  # epoch metrics use the last batch's step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._report(trainer)  # the final weights are always kept
+        from orchestrator.tracking.gate import EVERYTHING
 
-    def _report(self, trainer: pl.Trainer) -> None:
-        import ray.train
+        if not self.stopping:
+            self._save(trainer, covered_step=EVERYTHING)  # the final weights are always kept
+            if self._pending is not None:
+                self._pending = (*self._pending[:2], EVERYTHING)  # nothing of this run follows it
+        self._send(trainer)
 
-        if trainer.global_step == self._last_reported_step:
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._pending is not None:  # other ranks may be gone: no collective report now
+            shutil.rmtree(self._pending[0], ignore_errors=True)
+            self._pending = None
+
+    def save_for_stop(self, trainer: pl.Trainer) -> None:
+        """Ctrl-C / `orch stop` reached the workers: checkpoint this step; FaultGuard ends fit() after the report."""
+        self._save(trainer, covered_step=logged_step(trainer))
+        self.stopping = True
+
+    def _save(self, trainer: pl.Trainer, covered_step: float) -> None:
+        if trainer.global_step == self._last_saved_step:
             return
-        self._last_reported_step = trainer.global_step
+        self._send(trainer)
+        self._last_saved_step = trainer.global_step
         metrics = {**scalar_metrics(trainer), "epoch": trainer.current_epoch, "step": trainer.global_step}
-        folder = Path(tempfile.mkdtemp(prefix=f"orch-ckpt-rank{trainer.global_rank}-"))
+        # One folder name for all ranks: FSDP broadcasts rank 0's path and every rank writes its shard there
+        # (DDP: rank 0 alone writes). Each node's local rank 0 reports what its node wrote; Ray merges them.
+        name = tempfile.mkdtemp(prefix="orch-ckpt-") if trainer.global_rank == 0 else None
+        folder = Path(trainer.strategy.broadcast(name))
+        folder.mkdir(parents=True, exist_ok=True)
         try:
             trainer.save_checkpoint(folder / CHECKPOINT_FILE)
-            # Under DDP only rank 0 writes; under sharded strategies every rank writes its shard.
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if any(folder.iterdir()) else None
+        except BaseException:
+            if trainer.local_rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._pending = (folder, metrics, covered_step)
+
+    def _send(self, trainer: pl.Trainer) -> None:
+        import ray.train
+
+        from orchestrator.tracking.gate import write_sidecar
+
+        if self._pending is None:
+            return
+        folder, metrics, covered_step = self._pending
+        self._pending = None
+        gate = getattr(trainer.logger, "gate", None) if trainer.global_rank == 0 else None
+        try:
+            if gate is not None:
+                write_sidecar(folder, gate.durable(covered_step))
+            # Each node's local rank 0 reports what its node wrote (DDP: rank 0 alone; FSDP: every rank's shard);
+            # report's own barrier across ranks runs before the upload, so every shard is on disk by then.
+            wrote = trainer.local_rank == 0 and any(folder.iterdir())
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if wrote else None
             ray.train.report(metrics, checkpoint=checkpoint)
+            if gate is not None and checkpoint is not None:
+                gate.commit_when(covered_step, _wait_until_committed)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if trainer.local_rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step Lightning hands the loggers for the current batch (global_step - 1 with one optimizer)."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step - 1))
+
+
+def _wait_until_committed() -> None:
+    """Ray's controller has registered every checkpoint this worker reported (and saved its snapshot)."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def checkpoint_path(checkpoint) -> str | None:

@@ -31,11 +31,13 @@ VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's and Lightni
 
 def _fail_on_spec_error(exc: SpecError) -> None:
     for problem in exc.problems:
-        err_console.print(f"[bold red]error:[/] {problem.render()}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages quote user input and lists such as [jobs.gpt.Block]
+
+        err_console.print(f"[bold red]error:[/] {escape(problem.render())}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True):
+def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True, check_memory: bool = False):
     """spec -> plan, in the driver; the project folder is importable as with `python -m`."""
     from orchestrator.classpath import check_spec_classes
     from orchestrator.loader import load_spec
@@ -47,7 +49,7 @@ def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True):
     try:
         spec = load_spec(job, overrides or [])
         check_spec_classes(spec, source)
-        return spec, build_plan(spec, source, check_fit=check_fit)
+        return spec, build_plan(spec, source, check_fit=check_fit, check_memory=check_memory)
     except SpecError as exc:
         _fail_on_spec_error(exc)
 
@@ -57,23 +59,45 @@ def submit(
     job: Path = typer.Argument(..., help="The job spec (YAML)."),
     overrides: Optional[List[str]] = OverridesArg,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the plan; start nothing."),
+    force: bool = typer.Option(False, "--force", help="Run even when the planned peak memory per worker does not fit."),
     verbose: bool = VerboseOpt,
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", "-c", help="Where to run; sets cluster.address. http://HOST:PORT (a Ray dashboard): sent "
+        "as a Ray job. HOST:PORT or auto: joined directly. Default: cluster.address, ORCH_CLUSTER, RAY_ADDRESS, "
+        "else Ray in this process."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="With a dashboard address: print the job id and return."),
+    attach_run: Optional[str] = typer.Option(None, "--attach-run", hidden=True,
+                                             help="Record into this MLflow run (set by --cluster http://...)."),
 ) -> None:
     """Train a job: validate, plan, run on Ray Train, record in MLflow."""
-    spec, plan = _prepare(job, overrides)
+    user_overrides = list(overrides or [])
+    all_overrides = user_overrides + ([f"cluster.address={cluster}"] if cluster else [])
+    if not dry_run:
+        from orchestrator.cli_cluster import preflight
+
+        preflight(job, all_overrides)  # a cluster that cannot take the job says so before torch is even imported
+    spec, plan = _prepare(job, all_overrides, check_memory=not force)
     if dry_run:
         from orchestrator.report import print_plan
 
         print_plan(console, spec, plan)
         console.print("[dim]dry run: nothing was started and no MLflow run was opened.[/]")
         return
-    from orchestrator.cluster import ClusterUnavailable
+    from orchestrator.cluster import ClusterUnavailable, requested_address
+    from orchestrator.jobs_client import is_jobs_address
+
+    address = requested_address(spec.cluster.address)
+    if is_jobs_address(address):
+        from orchestrator.cli_cluster import submit_to_cluster
+
+        raise typer.Exit(submit_to_cluster(spec, plan, job, user_overrides, address, detach, verbose))
     from orchestrator.launch import submit as launch_submit
     from orchestrator.report import print_outcome
     from orchestrator.tracking.run import TrackingUnavailable
 
     try:
-        outcome = launch_submit(spec, plan, str(job), console, verbose=verbose, started_at=STARTED_AT)
+        outcome = launch_submit(spec, plan, str(job), console, verbose=verbose, started_at=STARTED_AT,
+                                run_id=attach_run)
     except SpecError as exc:
         _fail_on_spec_error(exc)
     except (TrackingUnavailable, ClusterUnavailable) as exc:
@@ -115,6 +139,19 @@ def plan(
 
 
 @app.command()
+def resume(
+    run: str = typer.Argument(..., help="The MLflow run id (or Ray job id) of a stopped, failed or orphaned job."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db"),
+    force: bool = typer.Option(False, "--force", help="Resume a run marked RUNNING whose driver ran on another machine."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Continue a job from its latest checkpoint, into the same MLflow run, with the same resolved spec."""
+    from orchestrator.resume import resume_job
+
+    raise typer.Exit(resume_job(run, tracking_uri, force, console, err_console, verbose, STARTED_AT))
+
+
+@app.command()
 def ui(
     run: Optional[str] = typer.Option(None, "--run", help="Print the address of this run's page."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db"),
@@ -126,6 +163,10 @@ def ui(
 
     raise typer.Exit(serve_ui(console, tracking_uri, host, port, run))
 
+
+from orchestrator.cli_cluster import register  # noqa: E402  (cluster and job commands; imports only typer)
+
+register(app)
 
 if __name__ == "__main__":
     app()

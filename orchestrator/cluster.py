@@ -10,10 +10,14 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
-def quiet_ray_environment(verbose: bool) -> None:
+def quiet_ray_environment(verbose: bool, address: str | None = None) -> None:
     """Set before Ray is imported: token auth on, and none of the known noise in a user's terminal."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # also silences the "token auth enabled" warning
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # no duplicated print lines
+    if address is None or address.rpartition(":")[0] in (LOOPBACK, "localhost"):
+        # Ray swaps 127.0.0.1 for the machine's LAN address, and then listens on every interface, unless it
+        # believes it runs a single-machine cluster: this keeps the local cluster and its clients on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
@@ -27,27 +31,40 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # Ray Train's controller polls workers every 2 s and each worker's report queue holds one entry,
         # so a report waits up to 2 s for the previous one to be taken: checkpoints of short epochs stall.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
+        # MLflow's client retries a dead server for minutes inside one call; the metric sender retries on its
+        # own (tracking/logger.py), so a call fails fast and the metrics go out soon after the server is back.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
     }
+    if os.environ.get("ORCH_RAY_JOB_ID") and os.environ.get("RAY_ADDRESS"):
+        # Ray Train's helper actors find the cluster by address; "auto" is ambiguous with two clusters on a machine.
+        env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
     if not verbose:
         env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
     return env
 
 
 def requested_address(spec_address: str | None) -> str | None:
-    """The spec's cluster.address, else RAY_ADDRESS (Ray's own convention); None means the local default."""
-    address = spec_address or os.environ.get("RAY_ADDRESS")
+    """cluster.address (which `--cluster` sets), else ORCH_CLUSTER, else RAY_ADDRESS; None means the local default.
+
+    http(s)://HOST:PORT is a Ray dashboard: the job is sent through Ray's Jobs API (orchestrator.remote_submit).
+    HOST:PORT, `auto` and ray:// join the cluster directly, this process being the driver.
+    """
+    address = spec_address or os.environ.get("ORCH_CLUSTER") or os.environ.get("RAY_ADDRESS")
     return None if address in (None, "", "local") else address
 
 
 def connect(address: str | None, verbose: bool, project_dir: Path | None = None) -> str:
     """Start or join Ray; returns a short description of where the job runs."""
-    quiet_ray_environment(verbose)
+    address = requested_address(address)
+    quiet_ray_environment(verbose, address)
     import ray
 
     if ray.is_initialized():
         return "already connected"
-    address = requested_address(address)
-    common = dict(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=verbose,
+    # A Ray job's log is its driver's output: the workers' lines (labelled by rank and node) belong there.
+    log_to_driver = verbose or bool(os.environ.get("ORCH_RAY_JOB_ID"))
+    common = dict(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=log_to_driver,
                   configure_logging=True, runtime_env={"env_vars": worker_env(project_dir or Path.cwd(), verbose)})
     if address is None:
         ray.init(
@@ -83,23 +100,36 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"`ray start --head` or unset cluster.address / RAY_ADDRESS to use the local default") from None
 
 
-def check_cluster_fit(source: str, num_workers: int, per_worker: dict[str, float]) -> None:
-    """Refuse a request the joined cluster can never hold, rather than wait on it forever."""
+def cluster_nodes() -> list:
+    """The joined cluster's alive nodes, with what is free on each now."""
     import ray
 
-    from orchestrator.errors import Problem, ResourceError
+    from orchestrator.capacity import NodeOffer
 
-    total = ray.cluster_resources()
-    problems = []
-    for resource, amount in per_worker.items():
-        wanted = amount * num_workers
-        have = total.get(resource, 0)
-        if wanted > have:
-            problems.append(Problem(source, "scaling", (
-                f"asks for {wanted:g} {resource} ({num_workers} workers x {amount:g}); the cluster has {have:g} "
-                f"in all, short by {wanted - have:g}")))
-    if problems:
-        raise ResourceError(problems)
+    try:
+        from ray._private.state import available_resources_per_node  # per node; the public call sums them
+        free = available_resources_per_node()
+    except Exception:
+        free = {}
+    return [NodeOffer(name=node.get("NodeName") or node["NodeManagerAddress"], total=dict(node["Resources"]),
+                      available=dict(free.get(node["NodeID"], node["Resources"])),
+                      host=node.get("NodeManagerHostname") or node["NodeManagerAddress"],
+                      labels=dict(node.get("Labels") or {}))
+            for node in sorted(ray.nodes(), key=lambda n: n.get("NodeName") or "") if node.get("Alive")]
+
+
+def check_cluster_fit(source: str, plan) -> str | None:
+    """Refuse what the joined cluster can never hold (placement included); return why it must wait, if it must."""
+    from orchestrator.capacity import assess
+    from orchestrator.errors import Problem, ResourceError
+    from orchestrator.multinode import check_multinode
+
+    nodes = cluster_nodes()
+    verdict = assess(plan.world_size, plan.resources_per_worker, plan.placement, nodes)
+    if not verdict.possible:
+        raise ResourceError([Problem(source, "scaling", problem) for problem in verdict.problems])
+    check_multinode(source, plan, nodes)
+    return verdict.waiting
 
 
 def disconnect() -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
@@ -44,6 +47,8 @@ def run_tags(spec: JobSpec, plan: Plan, source: str) -> dict[str, str]:
         "mlflow.source.name": "orch submit",
         **spec.tracking.tags,
     }
+    if os.environ.get("ORCH_RAY_JOB_ID"):  # the Ray job this driver runs as: the run names its job
+        tags["orch.ray_job_id"] = os.environ["ORCH_RAY_JOB_ID"]
     return tags
 
 
@@ -67,8 +72,11 @@ def ray_configs(spec: JobSpec, plan: Plan, ray_run_name: str) -> dict[str, Any]:
 
 
 def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,
-           started_at: float | None = None) -> Outcome:
+           started_at: float | None = None, resume=None, run_id: str | None = None) -> Outcome:
+    """`resume` (resume.ResumeTarget): continue that run's Ray Train run and MLflow run instead of new ones;
+    `run_id`: record into a run the client opened before sending the job to a cluster (`--attach-run`)."""
     from orchestrator.cluster import check_cluster_fit, connect, requested_address
+    from orchestrator.recovery import check_storage
     from orchestrator.tracking.run import RunRecord, check_tracking
 
     started_at = started_at or time.time()
@@ -78,6 +86,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     from orchestrator.cluster import disconnect
 
     check_tracking(plan.tracking_uri)
+    check_storage(plan.storage_path, source)
     address = requested_address(spec.cluster.address)
     try:
         console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
@@ -86,26 +95,39 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         connect(address, verbose)
         interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
         if address is not None:
-            check_cluster_fit(source, plan.world_size, plan.resources_per_worker)
+            waiting = check_cluster_fit(source, plan)
+            if waiting:
+                console.print(f"[yellow]{waiting}[/]", highlight=False)
         ray_ready_s = time.time() - started_at
-        record = RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source))
+        record = RunRecord.reopen(plan.tracking_uri, resume.run_id) if resume else \
+            RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source),
+                      run_id=run_id)
     except BaseException:
         disconnect()  # nothing was recorded; leave nothing running either
         raise
     outcome = Outcome("RUNNING", record.run_id, record.experiment_id, plan.tracking_uri,
                       ui_command=ui_command(plan.tracking_uri, record.run_id))
+    ray_run_name = resume.ray_run_name if resume else f"{spec.name}_{record.run_id}"
     try:
-        _record_job(record, spec, plan, f"{spec.name}_{record.run_id}")
-        configs = ray_configs(spec, plan, f"{spec.name}_{record.run_id}")
-        result, timings = _fit(spec, plan, configs, record, console, verbose, started_at)
+        if resume:
+            record.set_tags(resume.tags())
+        else:
+            _record_job(record, spec, plan, ray_run_name)
+        record.set_tags({"orch.driver_pid": str(os.getpid()), "orch.project_dir": str(Path.cwd())})
+        configs = ray_configs(spec, plan, ray_run_name)
+        result, timings = _fit(spec, plan, configs, record, console, verbose, started_at, resume)
         outcome.timings = {"ray_ready_s": ray_ready_s, **timings}
         _collect(outcome, result, spec)
-        _record_outcome(record, outcome)
+        _record_outcome(record, outcome, step=resume.session if resume else 0)
         outcome.status = "FINISHED"
         record.finish("FINISHED")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from orchestrator.recovery import signals_held
+
         outcome.status = "KILLED"
-        record.finish("KILLED", "interrupted by the user (Ctrl-C)")
+        with signals_held():
+            outcome.error = _record_stop(record, outcome, exc, spec, step=resume.session if resume else 0)
+            record.finish("KILLED", outcome.error)
     except BaseException as exc:
         outcome.status = "FAILED"
         outcome.error = _describe_failure(exc)
@@ -152,6 +174,9 @@ def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
         "model/params_non_trainable": counts.non_trainable,
         "model/size_bytes": counts.size_bytes,
         **{f"model/params_by_module/{name}": n for name, n in counts.by_module.items()},
+        # The plan's estimate per worker, to compare with the memory measured while it ran.
+        **{f"plan/{key}": value for key in ("peak_bytes", "parameters_bytes", "gradients_bytes", "optimizer_bytes",
+                                            "activations_bytes") if (value := getattr(plan.memory, key)) is not None},
     }
     record.log_metrics(metrics)
     record.set_tags({"orch.ray_run_name": ray_run_name, "orch.storage_path": plan.storage_path})
@@ -159,55 +184,72 @@ def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
     record.log_text(plan.model_summary, "model/summary.txt")
 
 
-def _fit(spec, plan, configs, record, console, verbose, started_at):
+def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None):
     from orchestrator.progress import ProgressView, create_board
+    from orchestrator.recovery import AttemptLog, stop_gracefully
 
     timings: dict[str, float] = {}
+    attempts = AttemptLog(record.tracking_uri, record.run_id, resume.attempts if resume else 0)
     with ProgressView(console, spec.name, plan.world_size) as view:
         view.set_status(f"starting {plan.world_size} workers")
         board = create_board()
+        board.update.remote({"attempt_base": resume.attempts if resume else 0})
         trainer = _trainer(spec, configs, record, board, verbose)
         box: dict[str, Any] = {}
-        thread = threading.Thread(target=_fit_into, args=(trainer, box), name="orch-fit", daemon=True)
+        # Waited on through an Event: Python 3.11 marks a thread stopped when Ctrl-C interrupts its join().
+        done = threading.Event()
+        thread = threading.Thread(target=_fit_into, args=(trainer, box, done), name="orch-fit", daemon=True)
         thread.start()
+
+        def poll() -> dict:
+            state = _poll(board, view, timings, started_at)
+            for line in attempts.update(state):
+                view.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [yellow]{escape(line)}[/]", highlight=False)
+            return state
         try:
-            while thread.is_alive():
-                thread.join(timeout=0.5)
-                _poll(board, view, timings, started_at)
-        except KeyboardInterrupt:
-            view.set_status("interrupted: stopping the workers")
-            raise
-        _poll(board, view, timings, started_at)
+            try:
+                while not done.wait(timeout=0.5):
+                    poll()
+            except KeyboardInterrupt as interrupt:  # a second one inside stop_gracefully stops at once
+                raise stop_gracefully(board, done, box, spec.checkpoint.stop_timeout_s, view.set_status, poll,
+                                      interrupt) from None
+            poll()
+        finally:
+            attempts.close(timeout_s=10)
     timings["total_s"] = time.time() - started_at
     if "error" in box:
         raise box["error"]
     return box["result"], timings
 
 
-def _poll(board, view, timings, started_at) -> None:
+def _poll(board, view, timings, started_at) -> dict:
     import ray
 
     try:
         state = ray.get(board.snapshot.remote(), timeout=2)
     except Exception:  # a slow board must not stop the job; the next poll will catch up
-        return
+        return {}
     if state.get("first_step_at") and "first_step_s" not in timings:
         timings["first_step_s"] = state["first_step_at"] - started_at
     if state:
         view.update(state)
+    return state
 
 
-def _fit_into(trainer, box: dict[str, Any]) -> None:
+def _fit_into(trainer, box: dict[str, Any], done: threading.Event) -> None:
     try:
         box["result"] = trainer.fit()
     except BaseException as exc:  # handed to the main thread, which owns the run's status
         box["error"] = exc
+    finally:
+        done.set()
 
 
 def _trainer(spec, configs, record, board, verbose):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.attempts import AttemptRecorder
     from orchestrator.worker import train_loop
 
     return TorchTrainer(
@@ -224,6 +266,8 @@ def _trainer(spec, configs, record, board, verbose):
             **configs["run"],
             failure_config=FailureConfig(**configs["failure"]),
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
+            callbacks=[AttemptRecorder(board)],
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )
 
@@ -243,13 +287,29 @@ def _collect(outcome: Outcome, result, spec: JobSpec) -> None:
     outcome.best_checkpoint = outcome.best_checkpoint or outcome.last_checkpoint
 
 
-def _record_outcome(record, outcome: Outcome) -> None:
+def _record_outcome(record, outcome: Outcome, step: int = 0) -> None:
     tags = {"orch.last_checkpoint": outcome.last_checkpoint or "", "orch.best_checkpoint": outcome.best_checkpoint or ""}
     record.set_tags({k: v for k, v in tags.items() if v})
-    record.log_metrics({f"orch/{k}": v for k, v in outcome.timings.items()})
+    record.log_metrics({f"orch/{k}": v for k, v in outcome.timings.items()}, step=step)  # step: nth session
+
+
+def _record_stop(record, outcome: Outcome, interrupt: KeyboardInterrupt, spec: JobSpec, step: int = 0) -> str:
+    """Ctrl-C / SIGTERM: record the checkpoint the workers wrote on the way out, and how to go on."""
+    from orchestrator.recovery import Stopped, stop_note
+
+    stopped = interrupt if isinstance(interrupt, Stopped) else Stopped(str(interrupt) or "Ctrl-C")
+    if stopped.result is not None and stopped.error is None:
+        try:
+            _collect(outcome, stopped.result, spec)
+            _record_outcome(record, outcome, step)
+        except Exception:  # what was recorded stays; the status still has to be set
+            pass
+    return stop_note(stopped, record.run_id)
 
 
 def _describe_failure(exc: BaseException) -> str:
     """Ray wraps the worker's exception; show the user's traceback, not Ray's plumbing."""
-    text = "".join(traceback.format_exception(exc))
+    from orchestrator.recovery import describe_failure
+
+    text = describe_failure(exc) or "".join(traceback.format_exception(exc))
     return text.strip()

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import Problem, ResourceError
+from orchestrator.errors import Problem, ResourceError, SpecError
+from orchestrator.memory import BYTES_PER_PARAM, MemoryEstimate
 from orchestrator.resources import MachineResources, local_resources
 from orchestrator.spec import JobSpec
 from orchestrator.tracking.uri import redact, resolve_tracking_uri
 
-# Bytes a parameter occupies while training: mixed precision keeps fp32 master weights.
-BYTES_PER_PARAM = {
-    "64-true": 8, "32-true": 4, "16-mixed": 4, "bf16-mixed": 4, "16-true": 2, "bf16-true": 2,
-    "transformer-engine": 4, "transformer-engine-float16": 4,
-}
-# fp32 state tensors each optimizer keeps per parameter.
-OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adagrad": 1, "RMSprop": 1,
-                    "Adadelta": 2, "LBFGS": 2}
 DEFAULT_STORAGE_FOLDER = "orch_runs"
 
 
@@ -29,17 +23,6 @@ class ParameterCounts:
     non_trainable: int
     by_module: dict[str, int]
     size_bytes: int  # at the training precision
-
-
-@dataclass
-class MemoryEstimate:
-    """Per worker, model state only: activations depend on the batch and are not counted here."""
-
-    parameters_bytes: int
-    gradients_bytes: int
-    optimizer_bytes: int
-    optimizer: str
-    total_bytes: int
 
 
 @dataclass
@@ -58,6 +41,7 @@ class Plan:
     memory: MemoryEstimate
     offered: dict[str, Any] | None
     model_summary: str = field(repr=False, default="")
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # as the worker will build the strategy
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,11 +50,11 @@ class Plan:
         return data
 
 
-def build_plan(spec: JobSpec, source: str, check_fit: bool = True) -> Plan:
-    """Raise ResourceError when the request can never be met on the local machine."""
+def build_plan(spec: JobSpec, source: str, check_fit: bool = True, check_memory: bool = False) -> Plan:
+    """Raise ResourceError when the request can never be met on the local machine, or (check_memory) when
+    the estimated peak memory per worker exceeds what a worker is offered."""
     model = _meta_model(spec)
     counts = count_parameters(model, spec.trainer.precision)
-    memory = estimate_memory(model, counts, spec)
     accelerator = "gpu" if spec.scaling.use_gpu else "cpu"
     per_worker = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
@@ -85,6 +69,12 @@ def build_plan(spec: JobSpec, source: str, check_fit: bool = True) -> Plan:
                    "memory_bytes": machine.memory_bytes}
         if check_fit:
             _check_local_fit(spec, source, machine)
+    summary, strategy_options = _summary(model), _strategy_options(spec, model, source)
+    from orchestrator.fit import plan_memory
+
+    memory = plan_memory(spec, model, offered)  # last: it turns the meta model's tensors into fake ones
+    if check_memory and memory.fits is False:
+        raise ResourceError([Problem(source, "scaling", _does_not_fit(memory))])
     return Plan(
         source=source,
         spec=spec.model_dump(mode="json"),
@@ -99,12 +89,18 @@ def build_plan(spec: JobSpec, source: str, check_fit: bool = True) -> Plan:
         parameters=counts,
         memory=memory,
         offered=offered,
-        model_summary=_summary(model),
+        model_summary=summary,
+        strategy_options=strategy_options,
     )
 
 
 def storage_path(spec: JobSpec) -> str:
-    path = spec.checkpoint.storage_path or DEFAULT_STORAGE_FOLDER
+    """The spec's folder, else the cluster's (ORCH_STORAGE_PATH on its head), else ./orch_runs.
+
+    A Ray job's working folder is a temporary copy, so a job on a cluster with no default keeps ~/orch_runs.
+    """
+    default = "~/orch_runs" if os.environ.get("ORCH_RAY_JOB_ID") else DEFAULT_STORAGE_FOLDER
+    path = spec.checkpoint.storage_path or os.environ.get("ORCH_STORAGE_PATH") or default
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
@@ -127,31 +123,29 @@ def count_parameters(model, precision: str) -> ParameterCounts:
     return ParameterCounts(total, trainable, total - trainable, by_module, total * BYTES_PER_PARAM[precision])
 
 
-def estimate_memory(model, counts: ParameterCounts, spec: JobSpec) -> MemoryEstimate:
-    bytes_per_param = BYTES_PER_PARAM[spec.trainer.precision]
-    optimizer, states = _optimizer_states(model)
-    params = counts.total * bytes_per_param
-    grads = counts.trainable * bytes_per_param
-    optim = counts.trainable * 4 * states
-    return MemoryEstimate(params, grads, optim, optimizer, params + grads + optim)
+def _strategy_options(spec: JobSpec, model, source: str) -> dict[str, Any]:
+    from orchestrator.distributed import describe
 
-
-def _optimizer_states(model) -> tuple[str, int]:
-    """Ask the module which optimizer it builds; its state is not allocated until the first step."""
     try:
-        configured = model.configure_optimizers()
-    except Exception:  # modules that read self.trainer here cannot answer before training
-        return "unknown (assumed Adam)", 2
-    optimizer = configured
-    if isinstance(configured, dict):
-        optimizer = configured.get("optimizer")
-    elif isinstance(configured, (list, tuple)) and configured:
-        optimizer = configured[0][0] if isinstance(configured[0], (list, tuple)) else configured[0]
-    name = type(optimizer).__name__
-    if name == "SGD":
-        momentum = optimizer.defaults.get("momentum", 0) if hasattr(optimizer, "defaults") else 0
-        return name, 1 if momentum else 0
-    return name, OPTIMIZER_STATES.get(name, 2)
+        return describe(spec, model)
+    except (ValueError, ImportError) as exc:
+        field_name = "trainer.activation_checkpointing" if spec.trainer.activation_checkpointing else \
+            "scaling.strategy_options.auto_wrap"
+        raise SpecError([Problem(source, field_name, str(exc))]) from None
+
+
+def _does_not_fit(memory: MemoryEstimate) -> str:
+    from orchestrator.report import human_bytes
+
+    text = (f"the estimated peak memory per worker, {human_bytes(memory.peak_bytes)}, exceeds the "
+            f"{human_bytes(memory.budget_bytes)} a worker has ({memory.budget_source})")
+    if memory.recommendations:
+        best = memory.recommendations[0]
+        overrides = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in best["overrides"].items())
+        text += f". Cheapest change that fits: {best['change']}: {overrides} ({human_bytes(best['peak_bytes'])})"
+    else:
+        text += ". No single change fits; a larger cluster (more or bigger devices) is needed"
+    return text + ". `orch plan` shows the breakdown; `orch submit --force` runs it anyway"
 
 
 def _summary(model) -> str:

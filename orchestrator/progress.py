@@ -29,6 +29,13 @@ def create_board():
         def snapshot(self) -> dict[str, Any]:
             return dict(self.state)
 
+        def get(self, key: str, default: Any = None) -> Any:
+            return self.state.get(key, default)
+
+        def append(self, key: str, item: Any) -> None:
+            """Event lists (attempts, failures), written by workers and Ray Train's controller."""
+            self.state.setdefault(key, []).append(item)
+
     return ProgressBoard.remote()
 
 

@@ -47,9 +47,7 @@ def print_plan(console: Console, spec: JobSpec, plan: Plan) -> None:
                        f"{human_count(counts.non_trainable)} non-trainable"),
         ("by module", ", ".join(f"{name} {human_count(n)}" for name, n in counts.by_module.items()) or "-"),
         ("model size", f"{human_bytes(counts.size_bytes)} at {spec.trainer.precision}"),
-        ("memory/worker", f"{human_bytes(memory.total_bytes)} model state (params {human_bytes(memory.parameters_bytes)}"
-                          f" + grads {human_bytes(memory.gradients_bytes)} + {memory.optimizer} state "
-                          f"{human_bytes(memory.optimizer_bytes)}), activations not included"),
+        *memory_rows(spec, plan),
         ("offered", _offered(plan)),
         ("tracking", redact(plan.tracking_uri)),
         ("checkpoints", f"{plan.storage_path}/{spec.name}_<run id>"),
@@ -60,6 +58,37 @@ def print_plan(console: Console, spec: JobSpec, plan: Plan) -> None:
     console.rule("Ray Train request")
     request = ray_configs(spec, plan, f"{spec.name}_<run id>")
     console.print(Syntax(yaml.safe_dump(request, sort_keys=False), "yaml", theme="ansi_dark"))
+
+
+def memory_rows(spec: JobSpec, plan: Plan) -> list[tuple[str, str]]:
+    """The memory plan per worker: what it is made of, the peak, whether it fits, and what would."""
+    m = plan.memory
+    acts = (f"{human_bytes(m.activations_bytes)} at micro-batch {m.micro_batch}" if m.activations_bytes is not None
+            else m.activations_note)
+    checkpointing = ", activation checkpointing" if spec.trainer.activation_checkpointing else ""
+    rows = [
+        ("memory/worker", f"params {human_bytes(m.parameters_bytes)} + grads {human_bytes(m.gradients_bytes)} + "
+                          f"{m.optimizer} state {human_bytes(m.optimizer_bytes)} + activations {acts} + other "
+                          f"{human_bytes(m.temporaries_bytes)}"),
+        ("peak/worker", f"{human_bytes(m.peak_bytes)} ({plan.strategy}, {spec.trainer.precision}{checkpointing})"
+                        + (f"; {human_bytes(m.offloaded_bytes)} offloaded to host memory" if m.offloaded_bytes else "")),
+    ]
+    if plan.strategy_options:
+        rows.append(("strategy", ", ".join(f"{k}={v}" for k, v in plan.strategy_options.items())))
+    if m.fits is None:
+        rows.append(("fits", m.budget_source))
+    elif m.fits:
+        rows.append(("fits", f"[green]yes[/]: {human_bytes(m.peak_bytes)} of {human_bytes(m.budget_bytes)} "
+                             f"({m.budget_source})"))
+    else:
+        rows.append(("fits", f"[bold red]NO[/]: {human_bytes(m.peak_bytes)} > {human_bytes(m.budget_bytes)} "
+                             f"({m.budget_source}); `orch submit` refuses it without --force"))
+        for option in m.recommendations or [{"change": "nothing short of a larger cluster fits", "overrides": {}}]:
+            overrides = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                 for k, v in option["overrides"].items())
+            peak = f" -> {human_bytes(option['peak_bytes'])}" if "peak_bytes" in option else ""
+            rows.append(("  try", f"{option['change']}: {overrides}{peak}" if overrides else option["change"]))
+    return rows
 
 
 def _offered(plan: Plan) -> str:
@@ -73,7 +102,7 @@ def _offered(plan: Plan) -> str:
 def print_outcome(console: Console, spec: JobSpec, outcome) -> None:
     style = {"FINISHED": "bold green", "KILLED": "bold yellow"}.get(outcome.status, "bold red")
     if outcome.error:
-        console.print(outcome.error, markup=False, highlight=False)
+        console.print(outcome.error, markup=False, highlight=False, soft_wrap=True)  # paths stay copyable
     if outcome.metrics:
         table = Table(title="final metrics", title_justify="left")
         table.add_column("metric")

@@ -20,6 +20,8 @@ _PRECISION_ALIASES = {
 # Short recipe names: sugar for the class paths of the recipes shipped in jobs/.
 RECIPES: dict[str, tuple[str, str]] = {
     "digits": ("jobs.digits.DigitsCNN", "jobs.digits.DigitsDataModule"),
+    "resnet": ("jobs.resnet.ResNet", "jobs.images.ImageDataModule"),
+    "gpt": ("jobs.gpt.GPT", "jobs.text.TextDataModule"),
 }
 
 
@@ -57,6 +59,10 @@ class TrainerSpec(_Section):
     limit_val_batches: float | int | None = Field(default=None, ge=0)
     seed: int | None = 42
     deterministic: bool = False
+    # Recompute each block's activations in backward instead of keeping them: true = the model's repeated
+    # blocks (its `block_classes`, else found), or a list of class paths.
+    activation_checkpointing: bool | list[str] = False
+    compile: bool = False  # torch.compile each block (else the whole module)
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -67,6 +73,14 @@ class TrainerSpec(_Section):
             raise ValueError(f"{value!r} is not a precision Lightning knows; allowed: {', '.join(PRECISIONS)}")
         return text
 
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> Any:
+        if isinstance(value, bool) or isinstance(value, list) and all(isinstance(v, str) and "." in v for v in value):
+            return value
+        raise ValueError(f"{value!r} is not allowed; allowed: true (the model's repeated blocks), false, or a list "
+                         f"of block class paths such as [jobs.gpt.Block]")
+
 
 class ScalingSpec(_Section):
     num_workers: int = Field(default=2, ge=1)
@@ -76,11 +90,29 @@ class ScalingSpec(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Memory each worker may use (GPU memory with use_gpu, else host memory), for the plan's fit check;
+    # default: measured on this machine for the local cluster.
+    memory_per_worker_gb: float | None = Field(default=None, gt=0)
 
     @field_validator("placement", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _typed_strategy_options(self) -> ScalingSpec:
+        from orchestrator.strategies import check_scaling, parse_options, raise_problems
+
+        options = parse_options(self.strategy, self.strategy_options)
+        raise_problems(check_scaling(self.strategy, options, self.use_gpu))
+        return self
+
+    @property
+    def options(self):
+        """The strategy's options, typed (DDPOptions | FSDPOptions | DeepSpeedOptions) with defaults filled in."""
+        from orchestrator.strategies import parse_options
+
+        return parse_options(self.strategy, self.strategy_options)
 
 
 class CheckpointSpec(_Section):
@@ -90,6 +122,9 @@ class CheckpointSpec(_Section):
     monitor: str | None = None
     mode: Literal["min", "max"] = "min"
     storage_path: str | None = None
+    # Ctrl-C / SIGTERM / `orch stop`: how long the driver waits for the workers to write a checkpoint
+    # before it stops them anyway; 0 stops at once and resumes from the last periodic checkpoint.
+    stop_timeout_s: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> CheckpointSpec:
@@ -102,6 +137,10 @@ class CheckpointSpec(_Section):
 
 class FailureSpec(_Section):
     max_failures: int = Field(default=0, ge=-1)
+    # A NaN/inf loss or gradient: "stop" fails the job naming the step and rank (it would recur on every
+    # retry, so it is never retried); "skip" drops that optimizer step on every rank and goes on.
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = Field(default=10, ge=1)
 
 
 class TrackingSpec(_Section):

@@ -15,6 +15,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from orchestrator.callbacks import ProgressReporter, RayCheckpointReporter, checkpoint_path
     from orchestrator.classpath import instantiate
+    from orchestrator.distributed import build_strategy, prepare_model, scale_callbacks, trainer_gradient_clip
+    from orchestrator.determinism import ExactResume
+    from orchestrator.faults import FaultGuard, StopRequested, restored_metrics
     from orchestrator.spec import JobSpec
     from orchestrator.tracking.logger import MLflowRunLogger
 
@@ -22,17 +25,30 @@ def train_loop(config: dict[str, Any]) -> None:
     if not config.get("verbose"):
         _quiet()
     context = ray.train.get_context()
+    from orchestrator.output_labels import label_worker_output, node_name
+
+    label_worker_output(context.get_world_rank(), node_name())  # `orch logs` tells ranks and nodes apart
     if spec.trainer.seed is not None:
         pl.seed_everything(spec.trainer.seed, workers=True, verbose=False)
 
     model = instantiate(spec.model.model_dump())
     data = instantiate(spec.data.model_dump())
-    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"])
+    strategy = build_strategy(spec, model)
+    prepare_model(spec, model)  # activation checkpointing and torch.compile, per the spec
+    restored = ray.train.get_checkpoint()  # a restarted attempt, or `orch resume`
+    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"], resumed=restored is not None,
+                             replay=restored_metrics(restored) if context.get_world_rank() == 0 else None)
+    reporter = RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps)
     callbacks: list[pl.Callback] = [
-        RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps),
+        reporter,
+        FaultGuard(config.get("board"), spec.failure.nonfinite_loss, spec.failure.max_consecutive_skips, reporter,
+                   spec.failure.max_failures),
     ]
+    if spec.trainer.seed is not None:
+        callbacks.append(ExactResume(spec.trainer.seed))
     if config.get("board") is not None:
         callbacks.append(ProgressReporter(config["board"], context.get_world_size()))
+    callbacks += scale_callbacks(spec)
     from orchestrator.tracking.throughput import telemetry_callbacks
 
     callbacks += telemetry_callbacks(spec.tracking, config["tracking_uri"], config["run_id"])
@@ -40,13 +56,13 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer = pl.Trainer(
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",
         devices="auto",
-        strategy=build_strategy(spec.scaling.strategy, spec.scaling.strategy_options),
+        strategy=strategy,
         plugins=[_ray_environment()],
         precision=spec.trainer.precision,
         max_epochs=spec.trainer.max_epochs if spec.trainer.max_epochs is not None else -1,
         max_steps=spec.trainer.max_steps,
         accumulate_grad_batches=spec.trainer.accumulate_grad_batches,
-        gradient_clip_val=spec.trainer.gradient_clip_val,
+        gradient_clip_val=trainer_gradient_clip(spec),
         val_check_interval=spec.trainer.val_check_interval,
         check_val_every_n_epoch=spec.trainer.check_val_every_n_epoch,
         log_every_n_steps=spec.trainer.log_every_n_steps,
@@ -64,18 +80,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     trainer = prepare_trainer(trainer)
     _record_hosts(config, context)
-    trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(ray.train.get_checkpoint()))
-
-
-def build_strategy(name: str, options: dict[str, Any]):
-    from ray.train import lightning as ray_lightning
-
-    strategies = {
-        "ddp": ray_lightning.RayDDPStrategy,
-        "fsdp": ray_lightning.RayFSDPStrategy,
-        "deepspeed": ray_lightning.RayDeepSpeedStrategy,
-    }
-    return strategies[name](**options)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
+    except StopRequested:  # Ctrl-C / `orch stop`: the checkpoint is reported; a clean end for Ray Train
+        return
 
 
 def _ray_environment():
@@ -96,12 +104,18 @@ def _record_hosts(config: dict[str, Any], context) -> None:
     if context.get_world_rank() == 0:
         from mlflow import MlflowClient
 
-        MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], "orch.hostnames", ",".join(sorted(set(hosts))))
+        try:
+            MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], "orch.hostnames", ",".join(sorted(set(hosts))))
+        except Exception as exc:  # a tracking outage must not stop training; the metrics are buffered
+            logging.getLogger(__name__).warning("could not tag the run with its hosts: %s", exc)
 
 
 def _quiet() -> None:
     """Lightning's start-up banners and known deprecation chatter; `--verbose` keeps them."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report at INFO, a line per rank per checkpoint, on a logger named by its file path.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", train_context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")

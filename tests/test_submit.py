@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -106,18 +107,23 @@ def test_a_failing_job_is_marked_failed_with_its_error(cluster_env, tracking_uri
 
 
 def test_ctrl_c_marks_the_run_killed(cluster_env, tracking_uri, tmp_path):
+    """A second Ctrl-C does not wait for the checkpoint the first one asked for; the run is still closed."""
     project = copy_user_project(tmp_path)
     process = subprocess.Popen(
-        [ORCH, "submit", "job.yaml", "trainer.max_epochs=100", "model.init_args.sleep_per_step=0.05"],
+        [ORCH, "submit", "job.yaml", "trainer.max_epochs=100", "model.init_args.sleep_per_step=0.05",
+         "checkpoint.stop_timeout_s=600"],
         env=cluster_env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_line(process, "epoch 1 ", timeout=240)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130, output
+    assert "checkpoint at step" not in output  # it did not wait for the workers' checkpoint
     _, run = only_run(tracking_uri, "user-project")
     assert run.info.status == "KILLED"
 
@@ -153,3 +159,6 @@ def test_sigterm_marks_the_run_killed(cluster_env, tracking_uri, tmp_path):
     assert process.returncode == 130, output
     _, run = only_run(tracking_uri, "user-project")
     assert run.info.status == "KILLED"
+    # Graceful: the workers checkpointed the step they were at, and the user is told how to go on.
+    assert "checkpoint at step" in output and f"orch resume {run.info.run_id}" in output
+    assert Path(run.data.tags["orch.last_checkpoint"]).is_dir()

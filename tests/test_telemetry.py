@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import lightning.pytorch as pl
 import psutil
 import pytest
 
@@ -218,16 +219,24 @@ def test_stragglers_exceed_1_2x_the_median():
 
 # -- throughput in a real Lightning run ----------------------------------------------------------------------------
 def fit_tiny_lm(tracking_uri, run_id, model, monitor, steps=40):
-    import lightning.pytorch as pl
     from tiny_lm import RandomTokens
 
     from orchestrator.tracking.logger import MLflowRunLogger
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, log_every_n_steps=2, limit_val_batches=0,
-                         logger=MLflowRunLogger(tracking_uri, run_id), callbacks=[monitor], enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False)
+                         logger=MLflowRunLogger(tracking_uri, run_id), callbacks=[monitor, FinalCommit()],
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(model, datamodule=RandomTokens(n=256, batch_size=16))
     return trainer
+
+
+class FinalCommit(pl.Callback):
+    """Without Ray, what the final committed checkpoint does for rank 0's held-back metrics (tracking/gate.py)."""
+
+    def on_train_end(self, trainer, pl_module):  # after the monitor's summary, as in a worker
+        from orchestrator.tracking.gate import EVERYTHING
+
+        trainer.logger.gate.commit(EVERYTHING)
 
 
 def test_throughput_on_a_cpu_counts_flops_logs_tokens_and_leaves_mfu_absent(tracking_uri, run, monkeypatch):

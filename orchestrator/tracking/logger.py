@@ -2,6 +2,8 @@
 
 Lightning's MLFlowLogger would open its own run and terminate it in `finalize`; the driver owns the
 run's lifecycle here, and a slow or absent tracking server must never stall a training step.
+Metrics pass through a MetricGate (gate.py) that holds each one back until a committed checkpoint
+covers its step, so that steps re-run after a restart are never logged twice.
 """
 
 from __future__ import annotations
@@ -10,20 +12,30 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Iterable
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from orchestrator.tracking.gate import MetricGate
+
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch
+MAX_RETRY_INTERVAL_S = 10.0
 
 
 class MetricSender:
-    """A bounded buffer drained by one thread; on errors it keeps the metrics and retries later."""
+    """A bounded buffer drained by one thread; on errors it keeps the metrics and retries later.
 
-    def __init__(self, tracking_uri: str, run_id: str, interval_s: float = 1.0, max_buffered: int = 200_000):
+    Only the sender thread talks to MLflow: a second sender racing it could post the same batch twice.
+    At most one value per (key, step) is ever sent: later ones at a step already sent are dropped. With
+    `resumed`, the steps an earlier attempt already recorded are looked up (per key, lazily, from this
+    thread, so an outage at restart only delays them) and count as sent.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, interval_s: float = 1.0, max_buffered: int = 200_000,
+                 resumed: bool = False):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
@@ -31,11 +43,16 @@ class MetricSender:
         self.interval_s = interval_s
         self.max_buffered = max_buffered
         self._buffer: deque = deque()
+        self._tags: dict[str, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._drained = threading.Event()
+        self._deadline = float("inf")
         self._dropped = 0
         self._failing_since: float | None = None
+        self._last_step: dict[str, int] = {}  # per key, the highest step MLflow holds
+        self._look_up_steps = resumed
         self._thread = threading.Thread(target=self._run, name="orch-metric-sender", daemon=True)
         self._thread.start()
 
@@ -43,32 +60,81 @@ class MetricSender:
         from mlflow.entities import Metric
 
         now = timestamp_ms or int(time.time() * 1000)
+        self.extend([Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+    def extend(self, metrics: Iterable) -> None:
         with self._lock:
-            for key, value in metrics.items():
+            for metric in metrics:
                 if len(self._buffer) >= self.max_buffered:
                     self._buffer.popleft()  # the oldest go first; the newest say where training is
                     self._dropped += 1
                     if self._dropped == 1:
                         log.warning("metric buffer full (%d); dropping the oldest until MLflow answers",
                                     self.max_buffered)
-                self._buffer.append(Metric(key, float(value), now, step))
-        if len(self._buffer) >= BATCH_LIMIT:
+                self._buffer.append(metric)
+            full = len(self._buffer) >= BATCH_LIMIT
+        if full:
             self._wake.set()
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._tags.update(tags)
+        self._wake.set()
+
+    def unsent(self) -> list:
+        """What MLflow does not hold yet (a checkpoint keeps these, so a crash mid-outage loses nothing)."""
+        with self._lock:
+            return list(self._buffer)
+
+    def flush_soon(self) -> None:
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything buffered is sent (True) or the timeout passes (False); the thread sends."""
+        deadline = time.time() + timeout_s
+        woken = 0.0
+        while self.unsent() or self._tags:
+            if time.time() > deadline or self._drained.is_set():
+                return False
+            if time.time() - woken > 1.0:  # a retry a second while MLflow is down, not a storm
+                self._wake.set()
+                woken = time.time()
+            time.sleep(0.05)
+        return True
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.interval_s)
+        wait = self.interval_s
+        while True:
+            self._wake.wait(wait)
             self._wake.clear()
-            self._send_all()
+            sent = self._send_all()
+            if self._stop.is_set() and (sent or time.time() > self._deadline):
+                break
+            # Back off while MLflow is down, but never so long that a short outage delays the end of a job.
+            wait = self.interval_s if sent else min(wait * 2, MAX_RETRY_INTERVAL_S)
+            if self._stop.is_set():
+                wait = min(wait, 1.0)
+        self._drained.set()
 
     def _send_all(self) -> bool:
+        from mlflow.entities import RunTag
+
         while True:
             with self._lock:
                 batch = [self._buffer[i] for i in range(min(BATCH_LIMIT, len(self._buffer)))]
-            if not batch:
+                tags = dict(self._tags)
+            if not batch and not tags:
                 return True
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
+                last_step = self._known_steps(batch)
+                fresh = []
+                for metric in batch:
+                    if metric.step > last_step.get(metric.key, -1):
+                        fresh.append(metric)
+                        last_step[metric.key] = metric.step
+                if fresh or tags:
+                    self.client.log_batch(self.run_id, metrics=fresh,
+                                          tags=[RunTag(k, v) for k, v in tags.items()])
             except Exception as exc:  # the server may come back; keep the metrics
                 if self._failing_since is None:
                     self._failing_since = time.time()
@@ -78,32 +144,47 @@ class MetricSender:
                 log.warning("MLflow reachable again after %.0f s; sending buffered metrics",
                             time.time() - self._failing_since)
                 self._failing_since = None
+            self._last_step = last_step
             with self._lock:
                 for _ in batch:
                     self._buffer.popleft()
+                for key, value in tags.items():
+                    if self._tags.get(key) == value:
+                        del self._tags[key]
+
+    def _known_steps(self, batch: list) -> dict[str, int]:
+        """Per key, the last step MLflow holds; asked of MLflow once per key after a restart."""
+        last_step = dict(self._last_step)
+        if self._look_up_steps:
+            for key in {m.key for m in batch} - set(last_step):
+                history = self.client.get_metric_history(self.run_id, key)
+                last_step[key] = max((m.step for m in history), default=-1)
+                self._last_step[key] = last_step[key]
+        return last_step
 
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Stop the thread and send what is left, retrying until the timeout; True when all was sent."""
+        """Send what is left, retrying until the timeout; True when all was sent."""
+        self._deadline = time.time() + timeout_s
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
-        deadline = time.time() + timeout_s
-        while not self._send_all():
-            if time.time() > deadline:
-                log.warning("MLflow still unreachable; %d metric values were not sent", len(self._buffer))
-                return False
-            time.sleep(1.0)
-        return True
+        self._drained.wait(timeout_s + MAX_RETRY_INTERVAL_S)
+        left = len(self.unsent())
+        if left:
+            log.warning("MLflow still unreachable; %d metric values were not sent", left)
+        return left == 0
 
 
 class MLflowRunLogger(Logger):
     """A Lightning logger that writes into an existing run and leaves its status to the driver."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, resumed: bool = False, replay: list | None = None):
         super().__init__()
         self._tracking_uri = tracking_uri
         self._run_id = run_id
+        self._resumed = resumed
+        self._replay = replay or []
         self._sender: MetricSender | None = None
+        self.gate: MetricGate | None = None
 
     @property
     def name(self) -> str:
@@ -117,12 +198,15 @@ class MLflowRunLogger(Logger):
     @rank_zero_experiment
     def experiment(self) -> MetricSender:
         if self._sender is None:
-            self._sender = MetricSender(self._tracking_uri, self._run_id)
+            self._sender = MetricSender(self._tracking_uri, self._run_id, resumed=self._resumed)
+            self.gate = MetricGate(self._sender)
+            self.gate.replay(self._replay)  # what the restored checkpoint carried that MLflow may lack
         return self._sender
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.experiment.add(metrics, step or 0)
+        self.experiment  # noqa: B018 - creates the sender and gate on first use
+        self.gate.add(metrics, step or 0)
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -131,5 +215,9 @@ class MLflowRunLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         if self._sender is not None:
-            self._sender.close()
+            ends_run = status == "success" or self.gate.final
+            self.gate.finish(success=status == "success")
+            # When the run ends here, wait for a tracking server that is down rather than lose metrics; when a
+            # retry follows, the last checkpoint carries what is unsent and the next attempt sends it.
+            self._sender.close(timeout_s=120 if ends_run else 5)
             self._sender = None

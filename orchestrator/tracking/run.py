@@ -67,20 +67,44 @@ def git_state(folder: Path) -> tuple[str | None, bool]:
 class RunRecord:
     """One MLflow run per job, created here so its id can be handed to the workers."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str]):
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
+                 run_id: str | None = None):
+        """run_id: take over a run opened elsewhere (by `orch submit --cluster http://…` before it sent the job)."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
+
+        from mlflow.entities import RunTag
 
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            if run_id:
+                run = self.client.get_run(run_id)
+                self.experiment_id = run.info.experiment_id
+                self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items()])
+            else:
+                found = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         except MlflowException as exc:
             raise TrackingUnavailable(f"cannot open an MLflow run at {redact(tracking_uri)}: {exc.message}") from None
         self.run_id = run.info.run_id
         self.run_name = run.info.run_name
+
+    @classmethod
+    def reopen(cls, tracking_uri: str, run_id: str) -> RunRecord:
+        """An existing run, marked RUNNING again (`orch resume`): its params, metrics and artifacts stay."""
+        from mlflow import MlflowClient
+
+        record = cls.__new__(cls)
+        record.client = MlflowClient(tracking_uri)
+        record.tracking_uri = tracking_uri
+        run = record.client.get_run(run_id)
+        record.experiment_id, record.run_id, record.run_name = run.info.experiment_id, run_id, run.info.run_name
+        record.client.update_run(run_id, status="RUNNING")
+        if "orch.error" in run.data.tags:  # how it ended before is kept in orch.resume.<n>.after
+            record.client.delete_tag(run_id, "orch.error")
+        return record
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

@@ -1,0 +1,187 @@
+"""Worker side of fault handling: NaN/inf losses, graceful stop requests, and each attempt's bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from orchestrator.attempts import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+STOP_POLL_INTERVAL_S = 0.5
+NONFINITE_HINT = "set failure.nonfinite_loss=skip to skip such batches instead"
+
+
+class StopRequested(Exception):
+    """Ends fit() right after the stop checkpoint is reported; train_loop returns normally on it.
+
+    Not `trainer.should_stop`: Lightning would first validate and close the cut-short epoch (a slow stop,
+    and epoch metrics of half an epoch). Not a KeyboardInterrupt: Lightning answers that with sys.exit.
+    """
+
+
+class FaultGuard(pl.Callback):
+    """One small all-reduce per optimizer step makes every rank agree on two things at the same step:
+    whether any rank saw a non-finite loss or gradient, and whether the driver asked to stop (rank 0
+    polls the progress board for that, without waiting). Agreeing matters: a rank that skips a step or
+    stops alone leaves the others waiting in a collective, or silently out of sync.
+    """
+
+    def __init__(self, board, nonfinite_loss: str, max_consecutive_skips: int, reporter, max_failures: int):
+        self.board = board
+        self.mode = nonfinite_loss
+        self.max_consecutive_skips = max_consecutive_skips
+        self.reporter = reporter
+        self.max_failures = max_failures
+        self.attempt = 1
+        self._loss_bad: torch.Tensor | None = None
+        self._last_loss: float | None = None
+        self._stop_seen = False
+        self._stop_agreed = False
+        self._stop_ref = None
+        self._stop_polled_at = 0.0
+        self._skipped_in_a_row = 0
+        self._skipped_total = 0
+
+    # ---- attempts -------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0 or self.board is None:
+            return
+        import ray
+
+        try:
+            base, failures = ray.get([self.board.get.remote("attempt_base", 0),
+                                      self.board.get.remote("failures", [])], timeout=30)
+        except Exception as exc:  # bookkeeping must never stop training
+            log.warning("could not read the attempt count from the driver: %s", exc)
+            return
+        self.attempt = base + len(failures) + 1
+        # No retry left: what this attempt logs after its last checkpoint will never be re-run, so keep it.
+        final = self.max_failures != -1 and len(failures) >= self.max_failures
+        gate = getattr(trainer.logger, "gate", None)
+        if gate is not None:
+            gate.final = final
+        self.board.append.remote("attempts", {"attempt": self.attempt, "step": trainer.global_step,
+                                              "time": time.time()})
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        gate = getattr(trainer.logger, "gate", None)
+        if gate is not None and isinstance(exception, (NonFiniteLossError, StopRequested)):
+            gate.final = True  # never retried (see AttemptRecorder), or the run ends here
+
+    # ---- per step ---------------------------------------------------------------------------------------
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad  # accumulated micro-batches
+        self._last_loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        device = trainer.strategy.root_device
+        loss_bad = self._loss_bad.to(device) if self._loss_bad is not None else torch.tensor(False, device=device)
+        self._loss_bad = None
+        flags = torch.stack([loss_bad.float(), self._gradients_bad(trainer, optimizer, device).float(),
+                             torch.tensor(float(self._poll_stop(trainer)), device=device)])
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        ranks_with_bad_loss, ranks_with_bad_grads, stop = flags.tolist()  # the one host sync per step
+        self._stop_agreed = self._stop_agreed or stop > 0
+        if not ranks_with_bad_loss and not ranks_with_bad_grads:
+            self._skipped_in_a_row = 0
+            return
+        message = self._describe(trainer, bool(loss_bad), int(ranks_with_bad_loss))
+        if self.mode == "stop":
+            self._fail(trainer, f"{message}; {NONFINITE_HINT}")
+        self._skipped_in_a_row += 1
+        self._skipped_total += 1
+        if self._skipped_in_a_row > self.max_consecutive_skips:
+            self._fail(trainer, f"{message}, the {self._skipped_in_a_row}th step in a row: giving up "
+                                f"(failure.max_consecutive_skips={self.max_consecutive_skips})")
+        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
+        if loss_bad or trainer.global_rank == 0:
+            log.warning("skipped the optimizer step: %s", message)
+        if trainer.global_rank == 0 and trainer.logger is not None:
+            from orchestrator.callbacks import logged_step
+
+            trainer.logger.log_metrics({"orch/nonfinite_skipped": self._skipped_total}, step=logged_step(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._stop_agreed and not self.reporter.stopping:
+            log.warning("stop requested: checkpointing step %d and ending training", trainer.global_step)
+            self.reporter.save_for_stop(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        # The reporter, before this callback, has just reported the stop checkpoint with this step's metrics.
+        if self.reporter.stopping:
+            raise StopRequested(f"stopped at step {trainer.global_step} on request")
+
+    def _fail(self, trainer: pl.Trainer, message: str) -> None:
+        """Every rank raises together, but only after rank 0 has sent the metrics up to this step: this
+        failure is final, and Ray stops the other ranks as soon as the first error reaches it."""
+        gate = getattr(trainer.logger, "gate", None)
+        if gate is not None:
+            gate.final = True
+            gate.flush(timeout_s=30)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("orch-nonfinite")
+        raise NonFiniteLossError(message)
+
+    def _gradients_bad(self, trainer: pl.Trainer, optimizer, device) -> torch.Tensor:
+        # With 16-bit mixed precision, inf gradients are routine: the GradScaler skips those steps itself.
+        if str(trainer.precision) == "16-mixed":
+            return torch.tensor(False, device=device)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.tensor(False, device=device)
+        try:  # the max-abs norm cannot overflow, unlike the 2-norm of large finite gradients
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            return (~torch.isfinite(norm)).to(device)
+        except Exception:  # exotic gradient layouts: the loss check still holds
+            return torch.tensor(False, device=device)
+
+    def _describe(self, trainer: pl.Trainer, mine: bool, ranks_with_bad_loss: int) -> str:
+        step, rank = trainer.global_step, trainer.global_rank
+        value = float(self._last_loss) if self._last_loss is not None and self._last_loss.numel() == 1 else None
+        if mine:
+            return f"non-finite loss ({value}) at step {step} on rank {rank}"
+        if ranks_with_bad_loss:
+            return f"non-finite loss at step {step} on {ranks_with_bad_loss} other rank(s) (rank {rank}: {value})"
+        return f"non-finite gradients at step {step} (the loss was finite on every rank)"
+
+    def _poll_stop(self, trainer: pl.Trainer) -> bool:
+        """Rank 0 asks the progress board at most every 0.5 s and never waits for the answer."""
+        if trainer.global_rank != 0 or self.board is None or self._stop_seen:
+            return self._stop_seen
+        import ray
+
+        if self._stop_ref is not None:
+            ready, _ = ray.wait([self._stop_ref], timeout=0)
+            if ready:
+                try:
+                    self._stop_seen = bool(ray.get(self._stop_ref))
+                except Exception:  # the driver is going away; Ray will end this attempt
+                    pass
+                self._stop_ref = None
+        now = time.monotonic()
+        if self._stop_ref is None and not self._stop_seen and now - self._stop_polled_at >= STOP_POLL_INTERVAL_S:
+            self._stop_ref = self.board.get.remote("stop_requested", False)
+            self._stop_polled_at = now
+        return self._stop_seen
+
+
+def restored_metrics(checkpoint) -> list:
+    """The metrics a restored checkpoint carries (tracking/gate.py): MLflow may not have them yet."""
+    from orchestrator.tracking.gate import read_sidecar
+
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as folder:
+        return read_sidecar(folder)

@@ -1,0 +1,59 @@
+"""`orch cluster up --local | status | down` as a user runs them: everything on loopback, stopped by pid."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster_helpers import family, orch, shell_env, start_cluster, stop_cluster
+
+pytestmark = pytest.mark.slow
+
+
+def loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def test_up_listens_only_on_loopback_and_down_stops_what_up_started(tmp_path):
+    home = tmp_path / "orch_home"
+    state = start_cluster(home, "--num-cpus", "2")
+    try:
+        processes = family(state["processes"]["ray"]["pid"]) + family(state["processes"]["mlflow"]["pid"])
+        listeners = []
+        for process in processes:
+            try:
+                listeners += [(process.name(), c.laddr) for c in process.net_connections("inet") if c.status == "LISTEN"]
+            except psutil.Error:
+                continue
+        assert len(listeners) >= 6, listeners  # GCS, raylet, dashboard, its agents, MLflow, ...
+        assert all(loopback(address.ip) for _, address in listeners), \
+            [entry for entry in listeners if not loopback(entry[1].ip)]
+        assert stat.S_IMODE(Path(state["token_path"]).stat().st_mode) == 0o600
+
+        env = shell_env(home)
+        again = orch(["cluster", "up", "--local"], env=env)
+        assert again.returncode == 0 and "already up" in again.stdout  # one cluster, not a second one
+        status = orch(["cluster", "status"], env=env)
+        assert status.returncode == 0, status.stderr
+        for fragment in ("head", "127.0.0.1", "2/2", state["dashboard_url"], state["mlflow_url"], "running jobs: none",
+                         state["token_path"]):
+            assert fragment in status.stdout, (fragment, status.stdout)
+
+        started = time.time()
+        down = orch(["cluster", "down"], env=env, timeout=240)
+        took = time.time() - started
+        assert down.returncode == 0 and "stopped the local cluster" in down.stdout, down.stdout + down.stderr
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert not alive, alive
+        assert not Path(state["token_path"]).exists() and not (home / "local" / "cluster.json").exists()
+        print(f"\ncluster down took {took:.1f} s")
+        after = orch(["list"], env=env)
+        assert after.returncode == 2 and "orch cluster up --local" in after.stderr
+    finally:
+        stop_cluster(home, state)

@@ -1,0 +1,198 @@
+"""Fast checks of the fault-tolerance parts without Ray: exact resume in plain Lightning, the metric gate and
+sender against a real MLflow store, and the CLI's refusals before anything starts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import ASSETS, run_orch
+
+sys.path.insert(0, str(ASSETS / "faults_project"))
+from faulty import Blobs, NoisyMLP  # noqa: E402
+
+from orchestrator.determinism import ExactResume  # noqa: E402
+
+SEED = 7
+
+
+class _Trace(pl.Callback):
+    """The samples each step trained on, to compare data order as well as weights."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append((trainer.global_step, batch[1].tolist()))
+
+
+class _SaveAt(pl.Callback):
+    def __init__(self, path: Path, step: int | None = None, epoch_end: int | None = None):
+        self.path, self.step, self.epoch_end = path, step, epoch_end
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_epoch_end(self, trainer, *args):
+        if trainer.current_epoch == self.epoch_end:
+            trainer.save_checkpoint(self.path)
+
+
+class _CrashAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def _fit(callbacks, ckpt_path=None, exact=True):
+    pl.seed_everything(SEED, verbose=False)
+    model = NoisyMLP(lr=0.05, dropout=0.3)
+    trace = _Trace()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=0.5,
+                         callbacks=[*callbacks, trace, *([ExactResume(SEED)] if exact else [])])
+    try:
+        trainer.fit(model, datamodule=Blobs(n=200, batch_size=16), ckpt_path=ckpt_path)
+    except RuntimeError as exc:
+        assert "crash" in str(exc)
+    return model, trace.steps
+
+
+def _max_difference(a, b) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+# 13 batches per epoch; validation after batch 6 and at the end of each epoch.
+@pytest.mark.parametrize("where", [dict(step=17), dict(step=6), dict(step=13), dict(epoch_end=0)],
+                         ids=["mid-epoch", "before-mid-epoch-validation", "last-batch", "epoch-end"])
+def test_resume_from_any_checkpoint_is_exact(tmp_path, where):
+    reference, reference_steps = _fit([])
+    _fit([_SaveAt(tmp_path / "c.ckpt", **where), _CrashAt(22)])
+    resumed, resumed_steps = _fit([], ckpt_path=tmp_path / "c.ckpt")
+    first = resumed_steps[0][0]
+    assert resumed_steps == [s for s in reference_steps if s[0] >= first]  # same samples, same order, none twice
+    assert _max_difference(reference, resumed) == 0.0
+
+
+def test_without_exact_resume_lightning_alone_diverges(tmp_path):
+    """The guard above is not vacuous: Lightning by itself replays consumed batches and redraws dropout."""
+    reference, _ = _fit([], exact=False)
+    _fit([_SaveAt(tmp_path / "c.ckpt", step=17), _CrashAt(22)], exact=False)
+    resumed, _ = _fit([], ckpt_path=tmp_path / "c.ckpt", exact=False)
+    assert _max_difference(reference, resumed) > 1e-3
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_sender_never_sends_a_step_twice_across_attempts(tracking_uri):
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.logger import MetricSender
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("units")).info.run_id
+    first = MetricSender(tracking_uri, run_id, interval_s=0.05)
+    for step in range(6):
+        first.add({"loss": float(step)}, step)
+    first.add({"loss": 99.0}, 5)  # a second value for a step already queued: dropped
+    assert first.close(10)
+    restarted = MetricSender(tracking_uri, run_id, interval_s=0.05, resumed=True)
+    for step in range(3, 9):
+        restarted.add({"loss": 100.0 + step}, step)
+    assert restarted.close(10)
+    assert _history(client, run_id, "loss") == [(s, float(s)) for s in range(6)] + [(s, 100.0 + s) for s in (6, 7, 8)]
+
+
+def test_gate_holds_metrics_until_their_checkpoint_commits(tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.gate import MetricGate, read_sidecar, write_sidecar
+    from orchestrator.tracking.logger import MetricSender
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("units")).info.run_id
+    sender = MetricSender(tracking_uri, run_id, interval_s=0.05)
+    gate = MetricGate(sender)
+    for step in range(10):
+        gate.add({"loss": float(step)}, step)
+    assert sender.flush(5) and _history(client, run_id, "loss") == []  # nothing is covered yet
+    carried = gate.durable(covered_step=4)
+    assert [m.step for m in carried] == [0, 1, 2, 3, 4]
+    write_sidecar(tmp_path, carried)
+    assert [(m.key, m.step, m.value) for m in read_sidecar(tmp_path)] == [("loss", s, float(s)) for s in range(5)]
+    gate.commit_when(4, wait=lambda: None)  # Ray's commit barrier returned
+    gate.finish(success=False)  # a retried attempt: steps 5..9 are left to the re-run
+    assert sender.close(10)
+    assert [s for s, _ in _history(client, run_id, "loss")] == [0, 1, 2, 3, 4]
+
+    final = MetricGate(MetricSender(tracking_uri, run_id, interval_s=0.05, resumed=True))
+    final.replay(read_sidecar(tmp_path))  # already in MLflow: dropped
+    for step in range(5, 8):
+        final.add({"loss": float(step)}, step)
+    final.final = True  # no retry left: the curve up to the failure is kept
+    final.finish(success=False)
+    assert final.sender.close(10)
+    assert [s for s, _ in _history(client, run_id, "loss")] == list(range(8))
+
+
+def test_unwritable_checkpoint_location_fails_before_anything_starts(orch_env, tracking_uri, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {**orch_env, "RAY_ADDRESS": "127.0.0.1:1"}  # reaching for Ray would fail differently
+    result = run_orch(["submit", str(ASSETS / "faults_project" / "job.yaml"),
+                       f"checkpoint.storage_path={blocker}/ckpt"], env=env, cwd=ASSETS / "faults_project", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "checkpoint.storage_path" in result.stderr and "cannot write checkpoints" in result.stderr
+    assert str(blocker) in result.stderr
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()  # no run was opened
+
+
+def test_resume_refuses_clearly(orch_env, tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestrator.resume import ResumeError, find_target
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("resume-errors")
+    env = {**orch_env, "RAY_ADDRESS": "127.0.0.1:1"}
+    unknown = run_orch(["resume", "0123456789abcdef"], env=env, cwd=tmp_path, timeout=120)
+    assert unknown.returncode == 2 and "no MLflow run or job '0123456789abcdef'" in unknown.stderr
+
+    def refusal(run_id: str) -> str:
+        with pytest.raises(ResumeError) as raised:
+            find_target(run_id, tracking_uri)
+        return str(raised.value)
+
+    assert "was not started by `orch submit`" in refusal(client.create_run(experiment).info.run_id)
+    tags = {"orch.ray_run_name": "job_x", "orch.storage_path": str(tmp_path / "ckpt")}
+    finished = client.create_run(experiment, tags=tags).info.run_id
+    client.set_terminated(finished, "FINISHED")
+    assert "already FINISHED" in refusal(finished)
+    failed = client.create_run(experiment, tags=tags).info.run_id
+    client.log_text(failed, (ASSETS / "faults_project" / "job.yaml").read_text(), "spec/resolved.yaml")
+    client.set_terminated(failed, "FAILED")
+    assert "no longer exists" in refusal(failed)
+    (tmp_path / "ckpt" / "job_x").mkdir(parents=True)
+    assert "never committed a checkpoint" in refusal(failed)
+    assert client.get_run(failed).info.status == "FAILED"  # untouched
+    import socket
+    import subprocess
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "orch", "submit"])
+    try:
+        alive = client.create_run(experiment, tags={**tags, "orch.driver_host": socket.gethostname(),
+                                                    "orch.driver_pid": str(driver.pid)}).info.run_id
+        assert "is still running" in refusal(alive)
+    finally:
+        driver.kill()
+        driver.wait()
