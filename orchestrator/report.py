@@ -112,6 +112,9 @@ def print_outcome(console: Console, spec: JobSpec, outcome) -> None:
             if key not in ("epoch", "step") and not key.endswith(("_step", "_epoch")):
                 table.add_row(key, f"{outcome.metrics[key]:.4f}")
         console.print(table)
+    from orchestrator.tracking.summary import print_summary
+
+    print_summary(console, outcome.tracking_uri, outcome.run_id)  # hardware and throughput, read back from MLflow
     timings = outcome.timings
     took = f" in {timings['total_s']:.1f} s" if "total_s" in timings else ""
     first = f" (first optimizer step after {timings['first_step_s']:.1f} s)" if "first_step_s" in timings else ""

@@ -147,7 +147,10 @@ class TrackingSpec(_Section):
     uri: str | None = None
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    system_metrics_interval: float = Field(default=10.0, gt=0)
+    # Seconds between hardware samples on each node; 5 s resolves an epoch's phases at negligible cost.
+    system_metrics_interval: float = Field(default=5.0, ge=0.1)
+    system_metrics: bool = True  # the per-node hardware sampler (system/<node>/...)
+    throughput: bool = True  # step time, samples/s, tokens/s, MFU, the end-of-run summary (perf/, summary/)
 
 
 class ClusterSpec(_Section):

@@ -49,6 +49,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if config.get("board") is not None:
         callbacks.append(ProgressReporter(config["board"], context.get_world_size()))
     callbacks += scale_callbacks(spec)
+    from orchestrator.tracking.throughput import telemetry_callbacks
+
+    callbacks += telemetry_callbacks(spec.tracking, config["tracking_uri"], config["run_id"])
 
     trainer = pl.Trainer(
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",
