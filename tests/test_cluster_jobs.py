@@ -69,7 +69,8 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_names_its_run(cl
     env = shell_env(home)
     status = orch(["cluster", "status"], env=env)
     assert "in all: CPU 4 free of 4" in status.stdout and re.search(r"node-2 .*2/2", status.stdout), status.stdout
-    result = orch(["submit", "job.yaml", "scaling.placement=STRICT_SPREAD", "--cluster", state["dashboard_url"]],
+    result = orch(["submit", "job.yaml", "scaling.placement=STRICT_SPREAD", "tracking.system_metrics_interval=0.5",
+                   "--cluster", state["dashboard_url"]],
                   env=env, cwd=project, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -89,6 +90,12 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_names_its_run(cl
     assert run.data.params["scaling.placement"] == "STRICT_SPREAD" and run.data.metrics["val/acc"] > 0.5
     assert run.data.tags["orch.cluster"] == state["dashboard_url"]
     assert Path(run.data.tags["orch.best_checkpoint"]).is_relative_to(state["storage_path"])
+    # Hardware series from both nodes, side by side: both share this host's name, so the node id tells them apart.
+    sampled = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
+    assert len(sampled) == 2, sampled
+    for node in sampled:
+        cpu = [m.value for m in client.get_metric_history(run.info.run_id, f"system/{node}/cpu_utilization_percentage")]
+        assert cpu and all(0 <= value <= 100 for value in cpu), (node, cpu)
 
     listed = orch(["list"], env=env)  # no --cluster: the local cluster `orch cluster up` started
     assert listed.returncode == 0, listed.stderr
