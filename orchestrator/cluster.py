@@ -67,13 +67,22 @@ def connect(address: str | None, verbose: bool, project_dir: Path | None = None)
     common = dict(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=log_to_driver,
                   configure_logging=True, runtime_env={"env_vars": worker_env(project_dir or Path.cwd(), verbose)})
     if address is None:
-        ray.init(
-            address="local",
-            _node_ip_address=LOOPBACK,
-            include_dashboard=True,  # the state API behind it keeps Ray Train's controller from erroring
-            dashboard_host=LOOPBACK,
-            **common,
-        )
+        extra = {}
+        if os.environ.get("ORCH_EXP_PRELOAD"):
+            extra["_system_config"] = {"preload_python_modules": os.environ["ORCH_EXP_PRELOAD"].split(",")}
+        saved = dict(os.environ)
+        if os.environ.get("ORCH_EXP_NORTENV"):
+            os.environ.update(common.pop("runtime_env")["env_vars"])
+        try:
+            ray.init(
+                address="local",
+                _node_ip_address=LOOPBACK,
+                include_dashboard=not os.environ.get("ORCH_EXP_NODASH"),
+                dashboard_host=LOOPBACK,
+                **common, **extra,
+            )
+        finally:
+            os.environ.clear(); os.environ.update(saved)
         return f"local Ray on {LOOPBACK}"
     check_reachable(address)
     ray.init(address=address, **common)

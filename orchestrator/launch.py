@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -80,6 +81,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     from orchestrator.tracking.run import RunRecord, check_tracking
 
     started_at = started_at or time.time()
+    marks = {"process_start": started_at, "submit": time.time()}  # start-up phases, see startup_phases()
     if not verbose:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -87,7 +89,15 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
 
     check_tracking(plan.tracking_uri)
     check_storage(plan.storage_path, source)
+    marks["preflight"] = time.time()
     address = requested_address(spec.cluster.address)
+    opening = None
+    if address is None and resume is None:
+        # The local default: open the MLflow run while Ray starts. Both take seconds spent mostly waiting on
+        # other processes and on disk (a new sqlite store migrates its schema), so they overlap even on two
+        # cores. A cluster is joined first instead: a job it refuses must leave no run behind.
+        opening = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-open-run").submit(
+            _open_run, spec, plan, source, run_id)
     try:
         console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
                       else f"[dim]{time.strftime('%H:%M:%S')}[/] joining the Ray cluster at {address}", highlight=False)
@@ -98,24 +108,29 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             waiting = check_cluster_fit(source, plan)
             if waiting:
                 console.print(f"[yellow]{waiting}[/]", highlight=False)
-        ray_ready_s = time.time() - started_at
-        record = RunRecord.reopen(plan.tracking_uri, resume.run_id) if resume else \
-            RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source),
-                      run_id=run_id)
-    except BaseException:
-        disconnect()  # nothing was recorded; leave nothing running either
+        marks["ray"] = time.time()
+        ray_ready_s = marks["ray"] - started_at
+        if opening is not None:
+            record = opening.result()
+        elif resume:
+            record = RunRecord.reopen(plan.tracking_uri, resume.run_id)
+        else:
+            record = _open_run(spec, plan, source, run_id)
+    except BaseException as exc:
+        disconnect()  # leave nothing running
+        if opening is not None:
+            _close_opened_run(opening, exc)
         raise
     outcome = Outcome("RUNNING", record.run_id, record.experiment_id, plan.tracking_uri,
                       ui_command=ui_command(plan.tracking_uri, record.run_id))
-    ray_run_name = resume.ray_run_name if resume else f"{spec.name}_{record.run_id}"
+    ray_run_name = resume.ray_run_name if resume else ray_run_name_for(spec, record.run_id)
     try:
         if resume:
             record.set_tags(resume.tags())
-        else:
-            _record_job(record, spec, plan, ray_run_name)
         record.set_tags({"orch.driver_pid": str(os.getpid()), "orch.project_dir": str(Path.cwd())})
+        marks["tracking"] = time.time()
         configs = ray_configs(spec, plan, ray_run_name)
-        result, timings = _fit(spec, plan, configs, record, console, verbose, started_at, resume)
+        result, timings = _fit(spec, plan, configs, record, console, verbose, started_at, resume, marks)
         outcome.timings = {"ray_ready_s": ray_ready_s, **timings}
         _collect(outcome, result, spec)
         _record_outcome(record, outcome, step=resume.session if resume else 0)
@@ -163,6 +178,34 @@ def ui_command(tracking_uri: str, run_id: str) -> str:
     return f"orch ui --run {run_id}{extra}"
 
 
+def ray_run_name_for(spec: JobSpec, run_id: str) -> str:
+    return f"{spec.name}_{run_id}"
+
+
+def _open_run(spec: JobSpec, plan: Plan, source: str, run_id: str | None):
+    """A new MLflow run (or the one the client opened, `--attach-run`) with the job's params, tags and artifacts."""
+    from orchestrator.tracking.run import RunRecord
+
+    record = RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source),
+                       run_id=run_id)
+    try:
+        _record_job(record, spec, plan, ray_run_name_for(spec, record.run_id))
+    except BaseException as exc:
+        record.finish("FAILED", f"recording the job failed: {exc}")
+        raise
+    return record
+
+
+def _close_opened_run(opening: concurrent.futures.Future, exc: BaseException) -> None:
+    """Ray did not start (or Ctrl-C came) while the run was being opened: the run must not stay RUNNING."""
+    try:
+        record = opening.result(timeout=60)
+    except BaseException:  # it failed too and closed itself; the first error is the one to report
+        return
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    record.finish(status, f"Ray did not start: {exc}" if status == "FAILED" else "interrupted before training started")
+
+
 def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
     from orchestrator.tracking.run import flatten
 
@@ -184,7 +227,29 @@ def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
     record.log_text(plan.model_summary, "model/summary.txt")
 
 
-def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None):
+STARTUP_PHASES = (  # (name, the mark that ends it); each phase starts where the one before ended
+    ("imports", "submit"),  # Python, the CLI's imports, the spec, the plan (the model built on the meta device)
+    ("preflight", "preflight"),  # the tracking store and the checkpoint storage answer
+    ("ray_start", "ray"),  # Ray started in this process, or the cluster joined
+    ("tracking", "tracking"),  # the MLflow run opened, params, tags and artifacts logged
+    ("workers_start", "worker_entered_at"),  # controller, placement group, worker processes, process group
+    ("setup", "started_at"),  # imports in the worker, model, data, Lightning's set-up, restoring a checkpoint
+    ("first_step", "first_step_at"),  # the first optimizer step
+)
+
+
+def startup_phases(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds spent in each start-up phase, for the phases whose end was seen (a restarted attempt's are not)."""
+    phases, previous = {}, marks["process_start"]
+    for name, mark in STARTUP_PHASES:
+        if mark not in marks:
+            break
+        phases[name] = max(0.0, marks[mark] - previous)
+        previous = marks[mark]
+    return phases
+
+
+def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None, marks=None):
     from orchestrator.progress import ProgressView, create_board
     from orchestrator.recovery import AttemptLog, stop_gracefully
 
@@ -217,6 +282,10 @@ def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None)
         finally:
             attempts.close(timeout_s=10)
     timings["total_s"] = time.time() - started_at
+    if marks is not None and "startup" in timings:
+        timings.update({f"startup/{name}_s": value
+                        for name, value in startup_phases({**marks, **timings.pop("startup")}).items()})
+    timings.pop("startup", None)
     if "error" in box:
         raise box["error"]
     return box["result"], timings
@@ -231,6 +300,8 @@ def _poll(board, view, timings, started_at) -> dict:
         return {}
     if state.get("first_step_at") and "first_step_s" not in timings:
         timings["first_step_s"] = state["first_step_at"] - started_at
+        timings["startup"] = {key: state[key] for key in ("worker_entered_at", "started_at", "first_step_at")
+                              if key in state}  # the first attempt's worker-side marks
     if state:
         view.update(state)
     return state

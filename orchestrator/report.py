@@ -119,6 +119,11 @@ def print_outcome(console: Console, spec: JobSpec, outcome) -> None:
     took = f" in {timings['total_s']:.1f} s" if "total_s" in timings else ""
     first = f" (first optimizer step after {timings['first_step_s']:.1f} s)" if "first_step_s" in timings else ""
     console.print(f"[{style}]{outcome.status}[/]{took}{first}")
+    phases = [(key[len("startup/"):-2].replace("_", " "), value) for key, value in timings.items()
+              if key.startswith("startup/")]
+    if phases:  # where the wait before training went: users pay it on every submit
+        console.print("[dim]start-up: " + " · ".join(f"{name} {value:.1f} s" for name, value in phases) + "[/]",
+                      highlight=False)
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")
     summary.add_column(overflow="fold")

@@ -10,6 +10,12 @@ from typing import Any
 
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point handed to TorchTrainer; `config` holds only plain data and an actor handle."""
+    import time
+
+    import ray.train
+
+    if config.get("board") is not None and ray.train.get_context().get_world_rank() == 0:
+        config["board"].update.remote({"worker_entered_at": time.time()})  # start-up phases (launch.py)
     import lightning.pytorch as pl
     import ray.train
 

@@ -29,10 +29,13 @@ def test_ui_listens_on_loopback_and_serves_the_store(orch_env, tmp_path):
         listening = [c.laddr for p in [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
                      for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        server_tree = psutil.Process(process.pid).children(recursive=True)
+        assert server_tree
+        process.terminate()  # SIGTERM to `orch ui` alone: it must take the server and its workers with it
+        assert process.wait(timeout=30) == 0
+        gone, alive = psutil.wait_procs(server_tree, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        if process.poll() is None:
             process.kill()
     time.sleep(0.1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,8 +41,12 @@ def serve_ui(console: Console, tracking_uri: str | None, host: str, port: int, r
     port = free_port(host, port)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", host, "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its own process group: `mlflow server` starts uvicorn and a job runner beneath it, and stopping only the
+    # top process left those running (and the port taken). The whole group is stopped on the way out.
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     url = f"http://{host}:{port}/"
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a service manager: stop the server too
     try:
         if not wait_until_up(url + "health", server, timeout_s=60):
             console.print(f"[red]the MLflow UI did not start:[/]\n{server.stderr.read() if server.stderr else ''}")
@@ -50,12 +56,33 @@ def serve_ui(console: Console, tracking_uri: str | None, host: str, port: int, r
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.poll() is None:
-            server.terminate()
+        signal.signal(signal.SIGTERM, previous)
+        stop_process_group(server)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL to what is left after `timeout_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its children may still be shutting down: give them the same time.
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
             try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float) -> bool:
