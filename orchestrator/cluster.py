@@ -67,26 +67,42 @@ def connect(address: str | None, verbose: bool, project_dir: Path | None = None)
     common = dict(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=log_to_driver,
                   configure_logging=True, runtime_env={"env_vars": worker_env(project_dir or Path.cwd(), verbose)})
     if address is None:
-        extra = {}
-        if os.environ.get("ORCH_EXP_PRELOAD"):
-            extra["_system_config"] = {"preload_python_modules": os.environ["ORCH_EXP_PRELOAD"].split(",")}
-        saved = dict(os.environ)
-        if os.environ.get("ORCH_EXP_NORTENV"):
-            os.environ.update(common.pop("runtime_env")["env_vars"])
-        try:
-            ray.init(
-                address="local",
-                _node_ip_address=LOOPBACK,
-                include_dashboard=not os.environ.get("ORCH_EXP_NODASH"),
-                dashboard_host=LOOPBACK,
-                **common, **extra,
-            )
-        finally:
-            os.environ.clear(); os.environ.update(saved)
+        lean_local_ray()
+        ray.init(
+            address="local",
+            _node_ip_address=LOOPBACK,
+            # Nothing of ours needs the dashboard on an in-process cluster, and it is a dozen Python processes
+            # (its modules run in their own): seconds of CPU on a small machine, before the first step.
+            include_dashboard=False,
+            **common,
+        )
         return f"local Ray on {LOOPBACK}"
     check_reachable(address)
     ray.init(address=address, **common)
     return f"Ray cluster at {address}"
+
+
+def lean_local_ray() -> None:
+    """Ray Train's helpers that serve long-lived shared clusters, off for the cluster this process starts and ends.
+
+    Each is one more Python process (about a second of CPU to start on a small machine, all before the first
+    step) and none can act here: the preemption watcher looks for nodes being drained, which an in-process
+    cluster never is; Ray Train's Prometheus metrics need the dashboard's agent to be exported. The placement
+    group cleaner and the Ray Datasets manager are left out of the trainer (launch.OrchTorchTrainer). Set
+    before the trainer is built: the driver reads them and Ray Train hands them on to its controller.
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    global _started_here
+    _started_here = True
+
+
+_started_here = False
+
+
+def started_here() -> bool:
+    """True when this process started the Ray cluster it is connected to (the local default)."""
+    return _started_here
 
 
 class ClusterUnavailable(RuntimeError):
@@ -144,5 +160,7 @@ def check_cluster_fit(source: str, plan) -> str | None:
 def disconnect() -> None:
     import ray
 
+    global _started_here
     if ray.is_initialized():
         ray.shutdown()
+    _started_here = False

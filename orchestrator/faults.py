@@ -140,10 +140,13 @@ class FaultGuard(pl.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return torch.tensor(False, device=device)
-        try:  # the max-abs norm cannot overflow, unlike the 2-norm of large finite gradients
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            return (~torch.isfinite(norm)).to(device)
+        try:
+            # The 2-norm runs as one fused pass (torch's foreach kernels), ~20x faster on a CPU than the max-abs
+            # norm, which took a third of a small model's step time. Any inf or NaN makes it non-finite; only
+            # then is the max-abs norm, which cannot overflow, asked whether huge finite gradients overflowed it.
+            if _finite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)):
+                return torch.tensor(False, device=device)
+            return (~_finite_tensor(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))).to(device)
         except Exception:  # exotic gradient layouts: the loss check still holds
             return torch.tensor(False, device=device)
 
@@ -175,6 +178,15 @@ class FaultGuard(pl.Callback):
             self._stop_ref = self.board.get.remote("stop_requested", False)
             self._stop_polled_at = now
         return self._stop_seen
+
+
+def _finite_tensor(norm: torch.Tensor) -> torch.Tensor:
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 shards: the global norm
+    return torch.isfinite(norm)
+
+
+def _finite(norm: torch.Tensor) -> bool:
+    return bool(_finite_tensor(norm))  # a host sync; the flags' tolist() makes one per step anyway
 
 
 def restored_metrics(checkpoint) -> list:

@@ -318,12 +318,11 @@ def _fit_into(trainer, box: dict[str, Any], done: threading.Event) -> None:
 
 def _trainer(spec, configs, record, board, verbose):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from orchestrator.attempts import AttemptRecorder
     from orchestrator.worker import train_loop
 
-    return TorchTrainer(
+    return orch_trainer_class()(
         train_loop,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
@@ -341,6 +340,29 @@ def _trainer(spec, configs, record, board, verbose):
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )
+
+
+def orch_trainer_class():
+    """TorchTrainer without the Ray Train helpers this job cannot use; each would start a Python process.
+
+    Ray Train 2.60 builds its default callbacks unconditionally: the Ray Datasets manager although our jobs
+    feed data through Lightning DataModules and pass no Ray Dataset, and the placement group cleaner, which
+    removes a run's placement group when its controller dies on a cluster that lives on; a cluster started
+    in this process ends with it, placement groups and all. No public switch exists, so this filters them.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from orchestrator.cluster import started_here
+
+    class OrchTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            left_out = (DatasetsCallback, PlacementGroupCleanerCallback) if started_here() else (DatasetsCallback,)
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, left_out)]
+
+    return OrchTorchTrainer
 
 
 def _collect(outcome: Outcome, result, spec: JobSpec) -> None:
