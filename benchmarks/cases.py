@@ -101,13 +101,16 @@ STEP = Case(
 
 def measure_ddp(arm: str, ctx: Context) -> dict[str, Any]:
     with workdir(ctx, f"ddp-{arm}") as folder:
-        return _orch_step(ctx, folder, 2) if arm == "orch" else _plain_step(ctx, folder, "torch", torchrun=True)
+        if arm == "orch":
+            return _orch_step(ctx, folder, 2)
+        return _plain_step(ctx, folder, "lightning" if arm == "lightning" else "torch", torchrun=True)
 
 
 DDP = Case(
     name="ddp",
     title="DDP parity, 2 workers (gloo)",
-    arms={"torchrun": "torchrun + DDP", "orch": "orch, 2 workers"},
+    # Lightning DDP under torchrun shows how much of orch's gap to plain PyTorch is Lightning's own.
+    arms={"torchrun": "torchrun + DDP", "lightning": "torchrun + Lightning DDP", "orch": "orch, 2 workers"},
     baseline="torchrun",
     metrics=[Metric("samples_per_s", "global samples/s", 0), Metric("ms_per_step", "ms/step (mean)"),
              Metric("wall_s", "process wall s", 1, ratio=False, readme=False)],

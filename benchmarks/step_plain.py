@@ -60,11 +60,14 @@ def run_torch(args) -> None:
 
 
 def run_lightning(args) -> None:
-    """Plain Lightning, one process, none of the extras: no logger, checkpoints, progress bar or summary."""
+    """Plain Lightning, none of the extras (no logger, checkpoints, progress bar or summary): one process, or
+    DDP over the processes torchrun started (Lightning reads torchrun's environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     pl.seed_everything(args.seed, workers=True, verbose=False)
     model = StepMLP(record_path=args.record)
     data = StepData(samples=args.samples or args.steps * args.batch_size, batch_size=args.batch_size)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=args.steps,
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+                         max_epochs=1, max_steps=args.steps,
                          log_every_n_steps=args.log_every, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=data)

@@ -76,6 +76,7 @@ def connect(address: str | None, verbose: bool, project_dir: Path | None = None)
             include_dashboard=False,
             **common,
         )
+        _start_autoscaling_coordinator()
         return f"local Ray on {LOOPBACK}"
     check_reachable(address)
     ray.init(address=address, **common)
@@ -98,6 +99,22 @@ def lean_local_ray() -> None:
 
 
 _started_here = False
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start the actor Ray Train's controller asks for resources first thing, without waiting for it.
+
+    On a new cluster the controller otherwise creates it and waits ~1.3 s for its process to boot; started here,
+    it boots while the MLflow run opens and the controller starts. Ray Train finds it by name (get_if_exists).
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # a private API: if Ray moved it, the controller creates it as before
+        pass
 
 
 def started_here() -> bool:
