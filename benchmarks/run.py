@@ -9,7 +9,8 @@ Cases (benchmarks/cases.py):
   digits    jobs/digits.yaml with 2 workers: plain Lightning DDP (2 processes), `orch submit` cold (Ray started by
             the command) and warm (a local cluster `orch cluster up --local` started once for the case): time from
             process start to the first optimizer step with its phases, wall time, val/acc.
-  ddp       2 workers: torchrun + DistributedDataParallel vs `orch submit` of the step model, global samples/s.
+  ddp       2 workers: torchrun + DistributedDataParallel, torchrun + Lightning DDP, `orch submit` of the step
+            model: global samples/s.
   tracking  benchmarks/tracking_overhead.py (its arms interleave inside one process): tracking off / metrics / all.
 Each round runs every arm once (A B C A B C …, --repeats rounds). The first --warmup steps of a run are dropped.
 A machine line (CPU, cores, memory, versions, date, load) comes first; results go to --out (JSON, merged per case

@@ -20,16 +20,28 @@ def cluster_env(orch_env, ray_address):
     return {**orch_env, "RAY_ADDRESS": ray_address}
 
 
-def test_digits_default_spec_trains_and_records_everything(cluster_env, tracking_uri, tmp_path):
+def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_uri, tmp_path):
+    # The quickstart's path: no cluster named, so the command starts (and ends) Ray in its own process.
     result = run_orch(["submit", str(REPO / "jobs/digits.yaml"), f"checkpoint.storage_path={tmp_path}/ckpt"],
-                      env=cluster_env, timeout=600)
+                      env=orch_env, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     client, run = only_run(tracking_uri, "digits")
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    for fragment in ("FINISHED", "final metrics", "val/acc", "best checkpoint", run_id, f"orch ui --run {run_id}"):
+    for fragment in ("FINISHED", "final metrics", "val/acc", "best checkpoint", run_id, f"orch ui --run {run_id}",
+                     "start-up: imports"):
         assert fragment in output, f"{fragment!r} missing from:\n{output}"
+    # Ray's known noise stays out of the terminal (the dashboard-less local cluster runs no placement group cleaner).
+    for noise in ("Failed to query Ray Train Controller", "Traceback", "token authentication"):
+        assert noise not in output, output
+
+    # Where the wait before the first step went, phase by phase, adding up to the time to the first step.
+    phases = {key: value for key, value in run.data.metrics.items() if key.startswith("orch/startup/")}
+    assert set(phases) == {f"orch/startup/{name}_s" for name in
+                           ("imports", "preflight", "ray_start", "tracking", "workers_start", "setup", "first_step")}
+    assert all(value >= 0 for value in phases.values())
+    assert sum(phases.values()) == pytest.approx(run.data.metrics["orch/first_step_s"], abs=0.05)
 
     # The default spec must reach 95 % validation accuracy.
     assert run.data.metrics["val/acc"] >= 0.95, run.data.metrics
