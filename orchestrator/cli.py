@@ -15,7 +15,6 @@ from rich.console import Console
 from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, SpecError
 
 
-
 def _process_started_at() -> float:
     """When this process began (Python's own start-up and imports count in what a user waits for)."""
     try:

@@ -17,7 +17,6 @@ def train_loop(config: dict[str, Any]) -> None:
     if config.get("board") is not None and ray.train.get_context().get_world_rank() == 0:
         config["board"].update.remote({"worker_entered_at": time.time()})  # start-up phases (launch.py)
     import lightning.pytorch as pl
-    import ray.train
 
     from orchestrator.callbacks import ProgressReporter, RayCheckpointReporter, checkpoint_path
     from orchestrator.classpath import instantiate
