@@ -76,6 +76,8 @@ def connect(address: str | None, verbose: bool, project_dir: Path | None = None)
             include_dashboard=False,
             **common,
         )
+        global _started_here
+        _started_here = True
         _start_autoscaling_coordinator()
         return f"local Ray on {LOOPBACK}"
     check_reachable(address)
@@ -94,8 +96,6 @@ def lean_local_ray() -> None:
     """
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-    global _started_here
-    _started_here = True
 
 
 _started_here = False

@@ -249,7 +249,7 @@ def startup_phases(marks: dict[str, float]) -> dict[str, float]:
     return phases
 
 
-def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None, marks=None):
+def _fit(spec, plan, configs, record, console, verbose, started_at, resume, marks):
     from orchestrator.progress import ProgressView, create_board
     from orchestrator.recovery import AttemptLog, stop_gracefully
 
@@ -267,7 +267,7 @@ def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None,
         thread.start()
 
         def poll() -> dict:
-            state = _poll(board, view, timings, started_at)
+            state = _poll(board, view, timings, started_at, marks)
             for line in attempts.update(state):
                 view.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [yellow]{escape(line)}[/]", highlight=False)
             return state
@@ -282,16 +282,14 @@ def _fit(spec, plan, configs, record, console, verbose, started_at, resume=None,
         finally:
             attempts.close(timeout_s=10)
     timings["total_s"] = time.time() - started_at
-    if marks is not None and "startup" in timings:
-        timings.update({f"startup/{name}_s": value
-                        for name, value in startup_phases({**marks, **timings.pop("startup")}).items()})
-    timings.pop("startup", None)
+    if "first_step_at" in marks:
+        timings.update({f"startup/{name}_s": value for name, value in startup_phases(marks).items()})
     if "error" in box:
         raise box["error"]
     return box["result"], timings
 
 
-def _poll(board, view, timings, started_at) -> dict:
+def _poll(board, view, timings, started_at, marks) -> dict:
     import ray
 
     try:
@@ -300,8 +298,8 @@ def _poll(board, view, timings, started_at) -> dict:
         return {}
     if state.get("first_step_at") and "first_step_s" not in timings:
         timings["first_step_s"] = state["first_step_at"] - started_at
-        timings["startup"] = {key: state[key] for key in ("worker_entered_at", "started_at", "first_step_at")
-                              if key in state}  # the first attempt's worker-side marks
+        marks.update({key: state[key] for key in ("worker_entered_at", "started_at", "first_step_at")
+                      if key in state})  # the first attempt's worker-side marks
     if state:
         view.update(state)
     return state
