@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                           "title": case.title, "description": case.describe(ctx), "arms": case.arms,
                           "baseline": case.baseline, "metrics": [asdict(m) for m in case.metrics], "rows": rows,
                           "interrupted": interrupted, "case_error": case_error,
-                          "target_lines": [target_text(case, t) for t in result["targets"]], **result}
+                          "target_lines": [target_text(case, t) for t in result["targets"]],
+                          "notes": ctx.state.pop("notes", {}), **result}
             if interrupted:
                 break
     finally:

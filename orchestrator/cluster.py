@@ -35,6 +35,7 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # own (tracking/logger.py), so a call fails fast and the metrics go out soon after the server is back.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+        "ORCH_WARM": "1",  # processes prestarted with this environment import the heavy modules (preload.py)
     }
     if os.environ.get("ORCH_RAY_JOB_ID") and os.environ.get("RAY_ADDRESS"):
         # Ray Train's helper actors find the cluster by address; "auto" is ambiguous with two clusters on a machine.

@@ -85,7 +85,8 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     if not verbose:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from orchestrator.cluster import disconnect
+    from orchestrator.cluster import disconnect, started_here
+    from orchestrator.warm_pool import refill as refill_warm_pool
 
     check_tracking(plan.tracking_uri)
     check_storage(plan.storage_path, source)
@@ -148,6 +149,8 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         outcome.error = _describe_failure(exc)
         record.finish("FAILED", outcome.error)
     finally:
+        if not started_here():  # a cluster that lives on: warm processes for the next job, where it keeps them
+            refill_warm_pool()
         disconnect()
         _wait_for_fit_thread()
     return outcome
@@ -298,6 +301,7 @@ def _poll(board, view, timings, started_at, marks) -> dict:
         return {}
     if state.get("first_step_at") and "first_step_s" not in timings:
         timings["first_step_s"] = state["first_step_at"] - started_at
+        timings["warm_workers"] = len(set(state.get("warm_ranks", ())))  # started in a warm process (warm_pool.py)
         marks.update({key: state[key] for key in ("worker_entered_at", "started_at", "first_step_at")
                       if key in state})  # the first attempt's worker-side marks
     if state:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.jobs_client import MLFLOW_PORT_LABEL
+from orchestrator.warm_pool import WARM_POOL_LABEL, warm_pool_env
 
 # Seconds Ray's stop_job waits between SIGTERM and SIGKILL: time for the driver to checkpoint and close its run.
 STOP_GRACE_S = 60
@@ -61,7 +62,7 @@ def free_ports(host: str, count: int) -> list[int]:
 
 
 def up(console, host: str = "127.0.0.1", dashboard_host: str = "127.0.0.1", num_cpus: float | None = None,
-       num_gpus: int | None = None, timeout_s: float = 180) -> dict[str, Any]:
+       num_gpus: int | None = None, warm_s: int = 600, timeout_s: float = 180) -> dict[str, Any]:
     existing = load_state()
     _clear_stale()
     if existing:
@@ -87,6 +88,7 @@ def up(console, host: str = "127.0.0.1", dashboard_host: str = "127.0.0.1", num_
         "storage_path": str(home / "orch_runs"),
         "logs": {"ray": str(home / "ray-head.log"), "mlflow": str(home / "mlflow.log")},
         "started_at": time.time(),
+        "warm_s": warm_s,
         "processes": {},
     }
     env = _head_env(state, ports)
@@ -100,7 +102,8 @@ def up(console, host: str = "127.0.0.1", dashboard_host: str = "127.0.0.1", num_
                         env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, state["logs"]["mlflow"], started)
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                    "--node-ip-address", host, "--node-name", "head", "--dashboard-host", dashboard_host,
-                   "--temp-dir", state["ray_temp_dir"], "--labels", f"{MLFLOW_PORT_LABEL}={mlflow_port}"]
+                   "--temp-dir", state["ray_temp_dir"],
+                   "--labels", f"{MLFLOW_PORT_LABEL}={mlflow_port},{WARM_POOL_LABEL}={warm_s}"]
         for flag, port in zip(RAY_PORT_FLAGS, ports.values()):
             command += [flag, str(port)]
         if num_cpus is not None:
@@ -167,6 +170,7 @@ def _head_env(state: dict[str, Any], ports: dict[str, int]) -> dict[str, str]:
         "ORCH_STORAGE_PATH": state["storage_path"],
         # Job entrypoints run `python -m orchestrator`: the same interpreter as this CLI.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        **(warm_pool_env() if state["warm_s"] else {}),
     })
     if state["host"] in ("127.0.0.1", "localhost", "::1"):
         # Ray rewrites 127.0.0.1 to the machine's LAN address, and then listens on every interface,

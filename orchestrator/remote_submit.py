@@ -139,9 +139,10 @@ def submit_remote(spec: JobSpec, plan: Plan, job: Path, overrides: list[str], ad
 
     try:
         client.submit(
-            entrypoint=shlex.join(arguments), submission_id=job_id,
+            # The job id goes to the driver's own environment (the entrypoint runs in a shell), not the job's
+            # runtime env: every actor inherits that, and a per-job value would keep it off warm processes.
+            entrypoint=f"ORCH_RAY_JOB_ID={shlex.quote(job_id)} {shlex.join(arguments)}", submission_id=job_id,
             runtime_env={"working_dir": str(root), "excludes": GIT_EXCLUDES, "env_vars": {
-                "ORCH_RAY_JOB_ID": job_id,
                 # Ray folds log lines that differ only in numbers ("[repeated 2x]"): here, the rank is the number.
                 "RAY_DEDUP_LOGS": "0",
                 # stop_job's SIGTERM-to-SIGKILL wait, read by the job's supervisor: time to checkpoint and close the run.

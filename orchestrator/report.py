@@ -122,8 +122,10 @@ def print_outcome(console: Console, spec: JobSpec, outcome) -> None:
     phases = [(key[len("startup/"):-2].replace("_", " "), value) for key, value in timings.items()
               if key.startswith("startup/")]
     if phases:  # where the wait before training went: users pay it on every submit
-        console.print("[dim]start-up: " + " · ".join(f"{name} {value:.1f} s" for name, value in phases) + "[/]",
-                      highlight=False)
+        parts = [f"{name} {value:.1f} s" for name, value in phases]
+        if timings.get("warm_workers"):
+            parts.append(f"{timings['warm_workers']:.0f} of {spec.scaling.num_workers} workers warm")
+        console.print("[dim]start-up: " + " · ".join(parts) + "[/]", highlight=False)
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")
     summary.add_column(overflow="fold")

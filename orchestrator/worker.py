@@ -10,12 +10,18 @@ from typing import Any
 
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point handed to TorchTrainer; `config` holds only plain data and an actor handle."""
+    import sys
     import time
 
+    warm = "lightning.pytorch" in sys.modules  # this process was kept warm for the job (warm_pool.py)
     import ray.train
 
-    if config.get("board") is not None and ray.train.get_context().get_world_rank() == 0:
-        config["board"].update.remote({"worker_entered_at": time.time()})  # start-up phases (launch.py)
+    if config.get("board") is not None:
+        rank = ray.train.get_context().get_world_rank()
+        if rank == 0:
+            config["board"].update.remote({"worker_entered_at": time.time()})  # start-up phases (launch.py)
+        if warm:
+            config["board"].append.remote("warm_ranks", rank)
     import lightning.pytorch as pl
 
     from orchestrator.callbacks import ProgressReporter, RayCheckpointReporter, checkpoint_path

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from cluster_helpers import family, orch, shell_env, start_cluster, stop_cluster
+from conftest import copy_user_project
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,14 @@ def loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
-def test_up_listens_only_on_loopback_and_down_stops_what_up_started(tmp_path):
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def test_up_listens_only_on_loopback_keeps_workers_warm_and_down_stops_everything(tmp_path):
     home = tmp_path / "orch_home"
     state = start_cluster(home, "--num-cpus", "2")
     try:
@@ -44,6 +52,28 @@ def test_up_listens_only_on_loopback_and_down_stops_what_up_started(tmp_path):
         for fragment in ("head", "127.0.0.1", "2/2", state["dashboard_url"], state["mlflow_url"], "running jobs: none",
                          state["token_path"]):
             assert fragment in status.stdout, (fragment, status.stdout)
+
+        # Warm processes (warm_pool.py): the end of a job asks Ray for processes like its actors', Lightning
+        # imported; the same job sent again starts its workers in them. Sent as a user sends jobs, through the
+        # Jobs API, so the job's own runtime env (its uploaded project) has to match as well.
+        project = copy_user_project(tmp_path)
+        outputs = []
+        for _ in range(2):
+            job = orch(["submit", "job.yaml", "trainer.max_epochs=1", "--cluster", state["dashboard_url"]], env=env,
+                       cwd=project, timeout=300)
+            assert job.returncode == 0, job.stdout + job.stderr
+            outputs.append(job.stdout)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state["mlflow_url"])
+        experiment = client.get_experiment_by_name("user-project")
+        first, second = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+        assert first.data.metrics["orch/warm_workers"] == 0, outputs[0]
+        assert second.data.metrics["orch/warm_workers"] == 2, outputs[1]
+        assert "2 of 2 workers warm" in outputs[1] and "workers warm" not in outputs[0]
+        warm = [p for p in family(state["processes"]["ray"]["pid"]) if _command(p).startswith("ray::IDLE")]
+        assert warm, "no warm process kept after the second job"
+        processes += warm  # `down` must stop these too
 
         started = time.time()
         down = orch(["cluster", "down"], env=env, timeout=240)

@@ -1,0 +1,20 @@
+"""Imported by Ray in each new worker process (RAY_preload_python_modules): warms processes kept for the next job.
+
+Only a process prestarted for no job by orchestrator.warm_pool imports the heavy modules: it has ORCH_WARM in its
+environment (every job of ours sets it) and Ray's nil job id. A process started on demand for a running job, or
+for someone else's job, returns at once: it would only import them later, or never.
+"""
+
+import importlib
+import os
+
+NIL_JOB_ID = "ffffffff"
+
+if os.environ.get("ORCH_WARM") == "1" and os.environ.get("RAY_JOB_ID", NIL_JOB_ID) == NIL_JOB_ID:
+    from orchestrator.warm_pool import WARM_IMPORTS
+
+    for _name in WARM_IMPORTS:
+        try:
+            importlib.import_module(_name)
+        except Exception:  # a module missing here is imported (and its error shown) where the job needs it
+            pass
