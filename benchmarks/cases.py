@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from benchmarks.harness import (ORCH, PYTHON, REPO, Case, Context, Metric, RunFailed, Target, clean_env,
-                                json_line, mlflow_store, orch_run_metrics, step_metrics, timed, warm_cluster,
-                                with_repo_on_path, workdir)
+                                json_line, mlflow_store, orch_run_metrics, step_metrics, timed, wait_until_quiet,
+                                warm_cluster, with_repo_on_path, workdir)
 
 STEP_YAML = REPO / "benchmarks" / "step.yaml"
 DIGITS_YAML = REPO / "jobs" / "digits.yaml"
@@ -155,6 +155,8 @@ def measure_digits(arm: str, ctx: Context) -> dict[str, Any]:
         if run["status"] != "FINISHED":
             raise RunFailed(f"the MLflow run ended {run['status']}")
         row = {"wall_s": wall, **{k: v for k, v in run.items() if k != "status"}}
+        if arm == "orch_warm":
+            row["refill_settle_s"] = wait_until_quiet()  # after the exit, not in wall_s
         if "total_s" in row and "first_step_s" in row:
             row["train_s"] = row["total_s"] - row["first_step_s"]
             row["teardown_s"] = wall - row["total_s"]

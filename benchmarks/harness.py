@@ -106,6 +106,21 @@ def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path, timeout
     return started_at, wall
 
 
+def wait_until_quiet(max_s: float = 120, busy_percent: float = 15, quiet_samples: int = 3) -> float:
+    """Seconds until the machine's CPU use stays under `busy_percent` for `quiet_samples` half-second samples.
+
+    A job on a warm-pool cluster ends by asking Ray for fresh processes that import PyTorch and Lightning in the
+    background (orchestrator/warm_pool.py): tens of CPU-seconds that would land on the next arm's run and make it
+    look slow. The time is the cost a user pays between jobs, and is reported as such."""
+    import psutil
+
+    started, quiet = time.time(), 0
+    psutil.cpu_percent(interval=None)
+    while quiet < quiet_samples and time.time() - started < max_s:
+        quiet = quiet + 1 if psutil.cpu_percent(interval=0.5) < busy_percent else 0
+    return time.time() - started
+
+
 def stop(process: subprocess.Popen, grace_s: float = 60) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)

@@ -71,6 +71,9 @@ def test_up_listens_only_on_loopback_keeps_workers_warm_and_down_stops_everythin
         assert first.data.metrics["orch/warm_workers"] == 0, outputs[0]
         assert second.data.metrics["orch/warm_workers"] == 2, outputs[1]
         assert "2 of 2 workers warm" in outputs[1] and "workers warm" not in outputs[0]
+        # A warm process imported PyTorch before Ray told it its CPU share: it must still compute with the threads
+        # a fresh process uses (one CPU per worker here), or two workers oversubscribe the cores.
+        assert second.data.tags["orch.torch_threads"] == first.data.tags["orch.torch_threads"] == "1,1"
         warm = [p for p in family(state["processes"]["ray"]["pid"]) if _command(p).startswith("ray::IDLE")]
         assert warm, "no warm process kept after the second job"
         processes += warm  # `down` must stop these too
