@@ -92,7 +92,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray.train.lightning import prepare_trainer
 
     trainer = prepare_trainer(trainer)
-    _record_hosts(logger, context)
+    _record_hosts(config, context)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
     except StopRequested:  # Ctrl-C / `orch stop`: the checkpoint is reported; a clean end for Ray Train
@@ -118,12 +118,9 @@ def _ray_environment():
     return RayLightningEnvironment()
 
 
-def _record_hosts(logger, context) -> None:
+def _record_hosts(config: dict[str, Any], context) -> None:
     """Every rank's hostname and PyTorch thread count, gathered once so rank 0 can tag the run with where it ran
-    (orch.hostnames) and how many threads each rank computed with (orch.torch_threads, in rank order).
-
-    The tags go out with rank 0's metric sender, from its thread: a client of our own here would build MLflow's
-    store first (~1 s for sqlite) while the other ranks wait for rank 0 to reach the process group's barrier."""
+    (orch.hostnames) and how many threads each rank computed with (orch.torch_threads, in rank order)."""
     import torch
     import torch.distributed as dist
 
@@ -132,9 +129,16 @@ def _record_hosts(logger, context) -> None:
     if dist.is_available() and dist.is_initialized():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
-    if context.get_world_rank() == 0:  # buffered and retried like the metrics while MLflow is down
-        logger.experiment.set_tags({"orch.hostnames": ",".join(sorted({host for host, _ in ranks})),
-                                    "orch.torch_threads": ",".join(str(threads) for _, threads in ranks)})
+    if context.get_world_rank() == 0:
+        from mlflow import MlflowClient
+        from mlflow.entities import RunTag
+
+        try:
+            MlflowClient(config["tracking_uri"]).log_batch(config["run_id"], tags=[
+                RunTag("orch.hostnames", ",".join(sorted({host for host, _ in ranks}))),
+                RunTag("orch.torch_threads", ",".join(str(threads) for _, threads in ranks))])
+        except Exception as exc:  # a tracking outage must not stop training; the metrics are buffered
+            logging.getLogger(__name__).warning("could not tag the run with its hosts: %s", exc)
 
 
 def _quiet() -> None:

@@ -36,9 +36,9 @@ class MetricSender:
 
     def __init__(self, tracking_uri: str, run_id: str, interval_s: float = 1.0, max_buffered: int = 200_000,
                  resumed: bool = False):
-        self.tracking_uri = tracking_uri
-        self._client = None
-        self._client_lock = threading.Lock()
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.interval_s = interval_s
         self.max_buffered = max_buffered
@@ -55,17 +55,6 @@ class MetricSender:
         self._look_up_steps = resumed
         self._thread = threading.Thread(target=self._run, name="orch-metric-sender", daemon=True)
         self._thread.start()
-
-    @property
-    def client(self):
-        """MLflow's client, made on first use, normally by the sender thread: making it builds the store (for
-        sqlite an engine and a schema check, ~1 s on a small CPU), which must not hold up a worker's start."""
-        with self._client_lock:
-            if self._client is None:
-                from mlflow import MlflowClient
-
-                self._client = MlflowClient(self.tracking_uri)
-            return self._client
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -114,10 +103,6 @@ class MetricSender:
         return True
 
     def _run(self) -> None:
-        try:
-            self.client  # noqa: B018 - made here, in the background, before the first metrics arrive
-        except Exception:  # an unusable URI: each send will fail, be logged and retried like an outage
-            pass
         wait = self.interval_s
         while True:
             self._wake.wait(wait)
