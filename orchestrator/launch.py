@@ -149,10 +149,12 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         outcome.error = _describe_failure(exc)
         record.finish("FAILED", outcome.error)
     finally:
-        if not started_here():  # a cluster that lives on: warm processes for the next job, where it keeps them
-            refill_warm_pool()
-        disconnect()
-        _wait_for_fit_thread()
+        try:
+            if not started_here():  # a cluster that lives on: warm processes for the next job, where it keeps them
+                refill_warm_pool()
+        finally:  # a second Ctrl-C during the refill still leaves Ray
+            disconnect()
+            _wait_for_fit_thread()
     return outcome
 
 

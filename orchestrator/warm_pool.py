@@ -38,7 +38,7 @@ def warm_pool_env() -> dict[str, str]:
     return {
         "RAY_preload_python_modules": ",".join(dict.fromkeys([*preload, "orchestrator.preload"])),
         # The raylet drops a prestart request beyond this many processes starting at once (default: the CPU
-        # count, 2 on a small machine); a job leaves its workers + 3 actors to replace.
+        # count, 2 on a small machine); a job leaves its workers and about five helper actors to replace.
         "RAY_worker_maximum_startup_concurrency": os.environ.get(
             "RAY_worker_maximum_startup_concurrency", str(max(16, os.cpu_count() or 1))),
     }
@@ -61,11 +61,11 @@ def _refill() -> int:
 
     if not ray.is_initialized():
         return 0
-    keep_alive = {node["NodeID"]: int(float((node.get("Labels") or {}).get(WARM_POOL_LABEL, 0) or 0))
-                  for node in ray.nodes() if node.get("Alive")}
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    keep_alive = {node["NodeID"]: int(float((node.get("Labels") or {}).get(WARM_POOL_LABEL, 0) or 0)) for node in nodes}
     if not any(keep_alive.values()):
         return 0
-    raylets = {node["NodeID"]: f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}" for node in ray.nodes()}
+    raylets = {node["NodeID"]: f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}" for node in nodes}
     job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
     actors = [gcs_pb2.ActorTableData.FromString(row)
               for row in global_state._connect_and_get_accessor().get_actor_table(job_id, None)]
