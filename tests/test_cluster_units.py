@@ -133,3 +133,30 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
         logger.removeHandler(handler)
     assert out.getvalue() == "[rank 3 @ node-2] from print\n"
     assert err.getvalue() == "[rank 3 @ node-2] from logging\n"
+
+
+@pytest.mark.parametrize("env, imports_heavy", [
+    ({"ORCH_WARM": "1", "RAY_JOB_ID": "ffffffff"}, True),  # prestarted for no job, by a job of ours: warm it
+    ({"ORCH_WARM": "1", "RAY_JOB_ID": "03000000"}, False),  # started for a running job: it imports what it needs
+    ({"RAY_JOB_ID": "ffffffff"}, False),  # someone else's prestarted process (Ray's own, another project)
+])
+def test_preload_warms_only_processes_prestarted_for_our_next_job(env, imports_heavy):
+    import os
+    import subprocess
+
+    base = {k: v for k, v in os.environ.items() if k not in ("ORCH_WARM", "RAY_JOB_ID")}
+    probe = subprocess.run([sys.executable, "-c", "import sys, orchestrator.preload; "
+                            "print('lightning.pytorch' in sys.modules, 'mlflow' in sys.modules)"],
+                           env=base | env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == [str(imports_heavy)] * 2
+
+
+def test_warm_pool_env_keeps_the_users_preloads_and_names_ours_once(monkeypatch):
+    from orchestrator.warm_pool import warm_pool_env
+
+    monkeypatch.setenv("RAY_preload_python_modules", "numpy,orchestrator.preload")
+    monkeypatch.delenv("RAY_worker_maximum_startup_concurrency", raising=False)
+    env = warm_pool_env()
+    assert env["RAY_preload_python_modules"] == "numpy,orchestrator.preload"
+    assert int(env["RAY_worker_maximum_startup_concurrency"]) >= 16
