@@ -71,6 +71,9 @@ def cluster_up(
                   highlight=False)
     console.print(f"submit with `orch submit JOB.yaml --cluster {state['dashboard_url']}` (or export "
                   f"ORCH_CLUSTER={state['dashboard_url']})", highlight=False)
+    if state.get("warm_s"):
+        console.print(f"after each job, processes like its workers are kept warm {state['warm_s'] / 60:g} min for the "
+                      f"next one from the same project (~0.4 GB each; --warm-minutes 0: none)", highlight=False)
     if host in ("127.0.0.1", "localhost", "::1"):
         console.print("a single-machine cluster, every port on loopback; for other nodes to join, start it with "
                       "--host set to an address they reach")
