@@ -9,6 +9,7 @@ import importlib
 import os
 
 NIL_JOB_ID = "ffffffff"
+warmed = False  # read by the worker (worker.py): this process was kept warm for the job that took it
 
 if os.environ.get("ORCH_WARM") == "1" and os.environ.get("RAY_JOB_ID", NIL_JOB_ID) == NIL_JOB_ID:
     from orchestrator.warm_pool import WARM_IMPORTS
@@ -18,3 +19,4 @@ if os.environ.get("ORCH_WARM") == "1" and os.environ.get("RAY_JOB_ID", NIL_JOB_I
             importlib.import_module(_name)
         except Exception:  # a module missing here is imported (and its error shown) where the job needs it
             pass
+    warmed = True

@@ -13,7 +13,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import sys
     import time
 
-    warm = "lightning.pytorch" in sys.modules  # this process was kept warm for the job (warm_pool.py)
+    # Set by Ray's preload hook in a process prestarted for the next job (preload.py, warm_pool.py).
+    warm = getattr(sys.modules.get("orchestrator.preload"), "warmed", False)
     import ray.train
 
     if config.get("board") is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
 import sys
 
 import pytest
@@ -141,15 +143,12 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
     ({"RAY_JOB_ID": "ffffffff"}, False),  # someone else's prestarted process (Ray's own, another project)
 ])
 def test_preload_warms_only_processes_prestarted_for_our_next_job(env, imports_heavy):
-    import os
-    import subprocess
-
     base = {k: v for k, v in os.environ.items() if k not in ("ORCH_WARM", "RAY_JOB_ID")}
-    probe = subprocess.run([sys.executable, "-c", "import sys, orchestrator.preload; "
-                            "print('lightning.pytorch' in sys.modules, 'mlflow' in sys.modules)"],
+    probe = subprocess.run([sys.executable, "-c", "import sys, orchestrator.preload as p; "
+                            "print('lightning.pytorch' in sys.modules, 'mlflow' in sys.modules, p.warmed)"],
                            env=base | env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == [str(imports_heavy)] * 2
+    assert probe.stdout.split() == [str(imports_heavy)] * 3  # the worker reads `warmed` to report and fix threads
 
 
 def test_warm_pool_env_keeps_the_users_preloads_and_names_ours_once(monkeypatch):
