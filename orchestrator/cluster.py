@@ -22,6 +22,8 @@ def quiet_ray_environment(verbose: bool, address: str | None = None) -> None:
 
 def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
     """Workers import the user's modules from the project folder, wherever Ray puts their cwd."""
+    from orchestrator.warm_pool import JOB_TIER
+
     parts = [str(project_dir.resolve())]
     if os.environ.get("PYTHONPATH"):
         parts.append(os.environ["PYTHONPATH"])
@@ -35,7 +37,9 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # own (tracking/logger.py), so a call fails fast and the metrics go out soon after the server is back.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
-        "ORCH_WARM": "1",  # processes prestarted with this environment import the heavy modules (preload.py)
+        # Processes prestarted with this environment import what the job's actors need (preload.py); Ray Train's
+        # workers override it with the worker tier (launch.py).
+        "ORCH_WARM": JOB_TIER,
     }
     if os.environ.get("ORCH_RAY_JOB_ID") and os.environ.get("RAY_ADDRESS"):
         # Ray Train's helper actors find the cluster by address; "auto" is ambiguous with two clusters on a machine.

@@ -324,6 +324,7 @@ def _trainer(spec, configs, record, board, verbose):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from orchestrator.attempts import AttemptRecorder
+    from orchestrator.warm_pool import WORKER_TIER
     from orchestrator.worker import train_loop
 
     return orch_trainer_class()(
@@ -341,6 +342,8 @@ def _trainer(spec, configs, record, board, verbose):
             failure_config=FailureConfig(**configs["failure"]),
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
+            # Processes kept warm for the workers import Lightning and MLflow; the job's other actors' do not.
+            worker_runtime_env={"env_vars": {"ORCH_WARM": WORKER_TIER}},
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )

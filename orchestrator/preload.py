@@ -1,8 +1,9 @@
 """Imported by Ray in each new worker process (RAY_preload_python_modules): warms processes kept for the next job.
 
-Only a process prestarted for no job by orchestrator.warm_pool imports the heavy modules: it has ORCH_WARM in its
-environment (every job of ours sets it) and Ray's nil job id. A process started on demand for a running job, or
-for someone else's job, returns at once: it would only import them later, or never.
+Only a process prestarted for no job by orchestrator.warm_pool imports anything: it has ORCH_WARM in its
+environment (every job of ours sets it, to the tier of the actor that had such a process) and Ray's nil job id.
+A process started on demand for a running job, or for someone else's job, returns at once: it would only import
+them later, or never.
 """
 
 import importlib
@@ -11,12 +12,12 @@ import os
 NIL_JOB_ID = "ffffffff"
 warmed = False  # read by the worker (worker.py): this process was kept warm for the job that took it
 
-if os.environ.get("ORCH_WARM") == "1" and os.environ.get("RAY_JOB_ID", NIL_JOB_ID) == NIL_JOB_ID:
+if os.environ.get("ORCH_WARM") and os.environ.get("RAY_JOB_ID", NIL_JOB_ID) == NIL_JOB_ID:
     from orchestrator.warm_pool import WARM_IMPORTS
 
-    for _name in WARM_IMPORTS:
+    for _name in WARM_IMPORTS.get(os.environ["ORCH_WARM"], ()):
         try:
             importlib.import_module(_name)
         except Exception:  # a module missing here is imported (and its error shown) where the job needs it
             pass
-    warmed = True
+    warmed = os.environ["ORCH_WARM"] in WARM_IMPORTS

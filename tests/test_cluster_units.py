@@ -137,18 +137,23 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
     assert err.getvalue() == "[rank 3 @ node-2] from logging\n"
 
 
-@pytest.mark.parametrize("env, imports_heavy", [
-    ({"ORCH_WARM": "1", "RAY_JOB_ID": "ffffffff"}, True),  # prestarted for no job, by a job of ours: warm it
-    ({"ORCH_WARM": "1", "RAY_JOB_ID": "03000000"}, False),  # started for a running job: it imports what it needs
-    ({"RAY_JOB_ID": "ffffffff"}, False),  # someone else's prestarted process (Ray's own, another project)
+@pytest.mark.parametrize("env, imported", [
+    # Prestarted for no job, by a job of ours: warmed for the actor that had such a process.
+    ({"ORCH_WARM": "worker", "RAY_JOB_ID": "ffffffff"}, "torch ray.train.torch lightning.pytorch mlflow warmed"),
+    ({"ORCH_WARM": "job", "RAY_JOB_ID": "ffffffff"}, "torch ray.train.torch warmed"),  # Ray Train's controller
+    ({"ORCH_WARM": "bare", "RAY_JOB_ID": "ffffffff"}, "warmed"),  # the progress board: Ray alone
+    ({"ORCH_WARM": "worker", "RAY_JOB_ID": "03000000"}, ""),  # started for a running job: it imports what it needs
+    ({"RAY_JOB_ID": "ffffffff"}, ""),  # someone else's prestarted process (Ray's own, another project)
+    ({"ORCH_WARM": "1", "RAY_JOB_ID": "ffffffff"}, ""),  # a tier this version does not know (an older orch's job)
 ])
-def test_preload_warms_only_processes_prestarted_for_our_next_job(env, imports_heavy):
+def test_preload_warms_only_processes_prestarted_for_our_next_job(env, imported):
     base = {k: v for k, v in os.environ.items() if k not in ("ORCH_WARM", "RAY_JOB_ID")}
-    probe = subprocess.run([sys.executable, "-c", "import sys, orchestrator.preload as p; "
-                            "print('lightning.pytorch' in sys.modules, 'mlflow' in sys.modules, p.warmed)"],
+    probe = subprocess.run([sys.executable, "-c", "import sys, orchestrator.preload as p; print(*[m for m in ("
+                            "'torch', 'ray.train.torch', 'lightning.pytorch', 'mlflow') if m in sys.modules], "
+                            "*['warmed'] * p.warmed)"],
                            env=base | env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == [str(imports_heavy)] * 3  # the worker reads `warmed` to report and fix threads
+    assert probe.stdout.split() == imported.split()  # the worker reads `warmed` to report and fix threads
 
 
 def test_warm_pool_env_keeps_the_users_preloads_and_names_ours_once(monkeypatch):
