@@ -101,6 +101,9 @@ def lean_local_ray() -> None:
     """
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    # The raylet starts one idle process per CPU when the first driver connects, for tasks with no runtime
+    # environment; every actor of ours has one (cluster.worker_env), so they would only take CPU from start-up.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 _started_here = False
