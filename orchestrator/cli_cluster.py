@@ -47,8 +47,8 @@ def cluster_up(
     num_gpus: Optional[int] = typer.Option(None, help="--local: GPUs the head offers (default: all)."),
     warm_minutes: float = typer.Option(
         10, min=0, help="--local: after a job, keep as many processes as it used warm (PyTorch, and Lightning "
-                        "for its workers, imported) this long for the next job like it; ~0.55 GiB per worker, "
-                        "~0.35 GiB per other actor; 0: none."),
+                        "for its workers, imported) this long for the next job like it; ~0.56 GiB per worker, "
+                        "~0.36 GiB per other actor; 0: none."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Cloud: do not ask before creating machines."),
 ) -> None:
     """Start a cluster: `--local`, or a cloud one from a launcher config."""
@@ -74,7 +74,7 @@ def cluster_up(
                   f"ORCH_CLUSTER={state['dashboard_url']})", highlight=False)
     if state.get("warm_s"):
         console.print(f"after each job, processes like its workers are kept warm {state['warm_s'] / 60:g} min for the "
-                      f"next one from the same project (~0.55 GiB per worker; --warm-minutes 0: none)", highlight=False)
+                      f"next one from the same project (~0.56 GiB per worker; --warm-minutes 0: none)", highlight=False)
     if host in ("127.0.0.1", "localhost", "::1"):
         console.print("a single-machine cluster, every port on loopback; for other nodes to join, start it with "
                       "--host set to an address they reach")
