@@ -22,7 +22,7 @@ def quiet_ray_environment(verbose: bool, address: str | None = None) -> None:
 
 def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
     """Workers import the user's modules from the project folder, wherever Ray puts their cwd."""
-    from orchestrator.warm_pool import JOB_TIER
+    from orchestrator.warm_pool import JOB_TIER, TIER_ENV_VAR
 
     parts = [str(project_dir.resolve())]
     if os.environ.get("PYTHONPATH"):
@@ -39,7 +39,7 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
         # Processes prestarted with this environment import what the job's actors need (preload.py); Ray Train's
         # workers override it with the worker tier (launch.py).
-        "ORCH_WARM": JOB_TIER,
+        TIER_ENV_VAR: JOB_TIER,
     }
     if os.environ.get("ORCH_RAY_JOB_ID") and os.environ.get("RAY_ADDRESS"):
         # Ray Train's helper actors find the cluster by address; "auto" is ambiguous with two clusters on a machine.

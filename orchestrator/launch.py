@@ -324,7 +324,7 @@ def _trainer(spec, configs, record, board, verbose):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from orchestrator.attempts import AttemptRecorder
-    from orchestrator.warm_pool import WORKER_TIER
+    from orchestrator.warm_pool import WORKER_TIER, tier_runtime_env
     from orchestrator.worker import train_loop
 
     return orch_trainer_class()(
@@ -343,7 +343,7 @@ def _trainer(spec, configs, record, board, verbose):
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
             # Processes kept warm for the workers import Lightning and MLflow; the job's other actors' do not.
-            worker_runtime_env={"env_vars": {"ORCH_WARM": WORKER_TIER}},
+            worker_runtime_env=tier_runtime_env(WORKER_TIER),
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )

@@ -9,15 +9,16 @@ them later, or never.
 import importlib
 import os
 
+from orchestrator.warm_pool import TIER_ENV_VAR, WARM_IMPORTS  # light: no Ray, torch or MLflow
+
 NIL_JOB_ID = "ffffffff"
 warmed = False  # read by the worker (worker.py): this process was kept warm for the job that took it
 
-if os.environ.get("ORCH_WARM") and os.environ.get("RAY_JOB_ID", NIL_JOB_ID) == NIL_JOB_ID:
-    from orchestrator.warm_pool import WARM_IMPORTS
-
-    for _name in WARM_IMPORTS.get(os.environ["ORCH_WARM"], ()):
+_tier = os.environ.get(TIER_ENV_VAR)
+if _tier in WARM_IMPORTS and os.environ.get("RAY_JOB_ID", NIL_JOB_ID) == NIL_JOB_ID:
+    for _name in WARM_IMPORTS[_tier]:
         try:
             importlib.import_module(_name)
         except Exception:  # a module missing here is imported (and its error shown) where the job needs it
             pass
-    warmed = os.environ["ORCH_WARM"] in WARM_IMPORTS
+    warmed = True

@@ -15,10 +15,10 @@ def create_board():
     """A zero-CPU actor holding the latest progress; workers update it without waiting."""
     import ray
 
-    from orchestrator.warm_pool import BARE_TIER
+    from orchestrator.warm_pool import BARE_TIER, tier_runtime_env
 
     # Its own warm tier: a process kept for it next time imports nothing (warm_pool.py).
-    @ray.remote(num_cpus=0, max_concurrency=4, runtime_env={"env_vars": {"ORCH_WARM": BARE_TIER}})
+    @ray.remote(num_cpus=0, max_concurrency=4, runtime_env=tier_runtime_env(BARE_TIER))
     class ProgressBoard:
         def __init__(self) -> None:
             self.state: dict[str, Any] = {}

@@ -30,6 +30,7 @@ WARM_POOL_LABEL = "orch.io/warm-pool-s"  # on a node: keep warm processes this m
 # started with: a process is warmed for what the actor that will take it needs, and no more. Importing everything
 # everywhere cost ~4.5 s of CPU and ~0.4 GiB per process, for actors that never touch Lightning or MLflow.
 # Not orchestrator's own modules: a process kept warm across an upgrade of orch would run the old code.
+TIER_ENV_VAR = "ORCH_WARM"  # in an actor's environment: which WARM_IMPORTS a process kept for it imports
 WORKER_TIER = "worker"  # Ray Train's workers (launch.py sets it in RunConfig.worker_runtime_env)
 JOB_TIER = "job"  # Ray Train's controller and helpers (cluster.worker_env sets it for the whole job)
 BARE_TIER = "bare"  # actors of ours that need nothing but Ray (the progress board)
@@ -43,6 +44,11 @@ WARM_IMPORTS = {
 }
 
 log = logging.getLogger(__name__)
+
+
+def tier_runtime_env(tier: str) -> dict[str, dict[str, str]]:
+    """An actor's runtime_env naming its warm tier; Ray merges it over the job's, which names JOB_TIER."""
+    return {"env_vars": {TIER_ENV_VAR: tier}}
 
 
 def warm_pool_env() -> dict[str, str]:
