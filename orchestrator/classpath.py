@@ -6,11 +6,14 @@ we need only import, signature check and recursive build, with our own error for
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
+from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import Problem, SpecError, did_you_mean, short_repr
+from orchestrator.errors import Problem, SpecError, did_you_mean, is_import_deadlock, short_repr
 
 
 def import_class(class_path: str) -> type:
@@ -42,6 +45,8 @@ def check_class(field: str, class_path: str, init_args: dict[str, Any], base: ty
     try:
         cls = import_class(class_path)
     except Exception as exc:  # any import-time failure of user code is the user's to see
+        if is_import_deadlock(exc):  # two threads importing at once (the driver's Ray start): not the user's
+            raise
         return [Problem("", f"{field}.class_path", f"cannot import {class_path!r}: {type(exc).__name__}: {exc}")]
     if not isinstance(cls, type):
         return [Problem("", f"{field}.class_path", f"{class_path!r} is a {type(cls).__name__}, not a class")]
@@ -97,3 +102,42 @@ def check_spec_classes(spec, source: str) -> None:
     problems += check_class("data", spec.data.class_path, spec.data.init_args, LightningDataModule)
     if problems:
         raise SpecError(Problem(source, p.field, p.message) for p in problems)
+
+
+def looks_importable(class_path: str) -> bool:
+    """Whether `class_path` names something its module defines, told without running the module.
+
+    The module is found (its parent packages are imported, nothing more) and its source parsed; the name must
+    be defined or imported at its top level. True when that cannot be told statically (a compiled module, a
+    star import, a module-level __getattr__). For a cheap first look only: import_class() is the real check.
+    """
+    module_name, _, attr = class_path.rpartition(".")
+    try:
+        found = importlib.util.find_spec(module_name) if module_name else None
+    except Exception:  # a parent package that does not import
+        return False
+    if found is None:
+        return False
+    if not found.origin or not found.origin.endswith(".py"):
+        return True
+    try:
+        tree = ast.parse(Path(found.origin).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(alias.name == "*" for alias in node.names):
+                return True
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+        else:  # if/try blocks at top level (optional imports): anything they bind counts
+            names.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+            names.update(n.name for n in ast.walk(node) if isinstance(n, (ast.ClassDef, ast.FunctionDef)))
+            names.update((a.asname or a.name).split(".")[0] for n in ast.walk(node)
+                         if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names)
+    return attr in names or "__getattr__" in names

@@ -48,21 +48,43 @@ def _fail_on_spec_error(exc: SpecError) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True, check_memory: bool = False):
-    """spec -> plan, in the driver; the project folder is importable as with `python -m`."""
-    from orchestrator.classpath import check_spec_classes
+def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True, check_memory: bool = False,
+             start_early=None):
+    """spec -> plan, in the driver; the project folder is importable as with `python -m`.
+
+    `start_early(spec, source)` may start something (local Ray) once the spec is valid, to run while the model is
+    imported and planned; it is returned third, and cancelled if the job is refused after all."""
     from orchestrator.loader import load_spec
     from orchestrator.plan import build_plan
 
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     source = str(job)
+    started = None
     try:
         spec = load_spec(job, overrides or [])
+        started = start_early(spec, source) if start_early else None
+        _check_classes(spec, source, started)
+        return spec, build_plan(spec, source, check_fit=check_fit, check_memory=check_memory), started
+    except BaseException as exc:
+        if started is not None:
+            started.cancel()
+        if isinstance(exc, SpecError):
+            _fail_on_spec_error(exc)
+        raise
+
+
+def _check_classes(spec, source: str, started) -> None:
+    from orchestrator.classpath import check_spec_classes
+    from orchestrator.errors import is_import_deadlock
+
+    try:
         check_spec_classes(spec, source)
-        return spec, build_plan(spec, source, check_fit=check_fit, check_memory=check_memory)
-    except SpecError as exc:
-        _fail_on_spec_error(exc)
+    except RuntimeError as exc:  # this thread's imports and Ray's start collided on module locks: once more, alone
+        if started is None or not is_import_deadlock(exc):
+            raise
+        started.settle()
+        check_spec_classes(spec, source)
 
 
 @app.command()
@@ -87,14 +109,29 @@ def submit(
         from orchestrator.cli_cluster import preflight
 
         preflight(job, all_overrides)  # a cluster that cannot take the job says so before torch is even imported
-    spec, plan = _prepare(job, all_overrides, check_memory=not force)
+    from orchestrator.cluster import ClusterUnavailable
+    from orchestrator.tracking.run import TrackingUnavailable
+
+    def start_ray_early(spec, source):
+        from orchestrator.launch import start_local_ray_early
+
+        return start_local_ray_early(spec, source, console, verbose) if not (dry_run or attach_run) else None
+
+    try:
+        spec, plan, ray_start = _prepare(job, all_overrides, check_memory=not force, start_early=start_ray_early)
+    except TrackingUnavailable as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        err_console.print("interrupted before training started")
+        raise typer.Exit(EXIT_INTERRUPTED)
     if dry_run:
         from orchestrator.report import print_plan
 
         print_plan(console, spec, plan)
         console.print("[dim]dry run: nothing was started and no MLflow run was opened.[/]")
         return
-    from orchestrator.cluster import ClusterUnavailable, requested_address
+    from orchestrator.cluster import requested_address
     from orchestrator.jobs_client import is_jobs_address
 
     address = requested_address(spec.cluster.address)
@@ -104,11 +141,10 @@ def submit(
         raise typer.Exit(submit_to_cluster(spec, plan, job, user_overrides, address, detach, verbose))
     from orchestrator.launch import submit as launch_submit
     from orchestrator.report import print_outcome
-    from orchestrator.tracking.run import TrackingUnavailable
 
     try:
         outcome = launch_submit(spec, plan, str(job), console, verbose=verbose, started_at=STARTED_AT,
-                                run_id=attach_run)
+                                run_id=attach_run, ray_start=ray_start)
     except SpecError as exc:
         _fail_on_spec_error(exc)
     except (TrackingUnavailable, ClusterUnavailable) as exc:
@@ -135,7 +171,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show what `submit` would send: resolved spec, workers, resources, parameter counts, memory."""
-    spec, job_plan = _prepare(job, overrides)
+    spec, job_plan, _ = _prepare(job, overrides)
     if as_json:
         import json
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
+
+from orchestrator.errors import is_import_deadlock
 
 LOOPBACK = "127.0.0.1"
 
@@ -83,11 +86,79 @@ def connect(address: str | None, verbose: bool, project_dir: Path | None = None)
         )
         global _started_here
         _started_here = True
-        _start_autoscaling_coordinator()
         return f"local Ray on {LOOPBACK}"
     check_reachable(address)
     ray.init(address=address, **common)
     return f"Ray cluster at {address}"
+
+
+class LocalRayStart:
+    """The local default's Ray, started in a thread while the driver imports and plans the job's model.
+
+    Ray's start is mostly other processes booting (GCS, raylet, Ray's Python daemons: ~4-9 s of CPU on the
+    other core of a small machine); the plan is this process importing Lightning (~3-10 s on one core). One
+    after the other they added up; side by side they take about as long as the longer of the two. Ray is
+    imported here, before the thread, so that the two threads import mostly disjoint modules.
+
+    The thread stays alive until Ray is shut down: Ray starts its daemons with PR_SET_PDEATHSIG, which Linux
+    ties to the *thread* that spawned them, so they would be killed the moment a finished starter thread exits.
+    """
+
+    def __init__(self, verbose: bool):
+        quiet_ray_environment(verbose)
+        import ray  # noqa: F401
+
+        global _starter_released
+        self._verbose = verbose
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        _starter_released = self._released = threading.Event()
+        self._thread = threading.Thread(target=self._start, name="orch-ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        quiet = _NotMainThreadFilter()  # ray.init warns that, off the main thread, it sets no SIGTERM handler:
+        logging.getLogger("ray._private.worker").addFilter(quiet)  # the driver installs its own (launch.py)
+        try:
+            connect(None, self._verbose)
+        except BaseException as exc:  # handed to whoever waits
+            self._error = exc
+            return
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+            self._ready.set()
+        self._released.wait()  # until disconnect(): Ray's daemons live as long as this thread
+
+    def settle(self) -> None:
+        """Until Ray is up or failed to start."""
+        while not self._ready.wait(timeout=0.2):  # in slices: Ctrl-C reaches the main thread meanwhile
+            pass
+
+    def wait(self) -> None:
+        """Until Ray is up; raises what stopped it. A module-lock deadlock between the two threads' imports
+        (CPython detects and breaks it) is retried here, on the main thread."""
+        self.settle()
+        if self._error is not None and is_import_deadlock(self._error):
+            import ray
+
+            self._error = None
+            ray.shutdown()  # whatever the broken attempt had started
+            connect(None, self._verbose)
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """The job will not run (bad spec, Ctrl-C): let Ray finish starting, then stop it; nothing is left."""
+        self.settle()
+        disconnect()
+
+
+_starter_released: threading.Event | None = None  # set to let LocalRayStart's thread end, once Ray is shut down
+
+
+class _NotMainThreadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not the main thread" not in record.getMessage()
 
 
 def lean_local_ray() -> None:
@@ -96,7 +167,8 @@ def lean_local_ray() -> None:
     Each is one more Python process (about a second of CPU to start on a small machine, all before the first
     step) and none can act here: the preemption watcher looks for nodes being drained, which an in-process
     cluster never is; Ray Train's Prometheus metrics need the dashboard's agent to be exported. The placement
-    group cleaner and the Ray Datasets manager are left out of the trainer (launch.OrchTorchTrainer). Set
+    group cleaner, the Ray Datasets manager and the autoscaling coordinator are left out by the trainer
+    (lean_train.OrchTorchTrainer). Set
     before the trainer is built: the driver reads them and Ray Train hands them on to its controller.
     """
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -107,22 +179,6 @@ def lean_local_ray() -> None:
 
 
 _started_here = False
-
-
-def _start_autoscaling_coordinator() -> None:
-    """Start the actor Ray Train's controller asks for resources first thing, without waiting for it.
-
-    On a new cluster the controller otherwise creates it and waits ~1.3 s for its process to boot; started here,
-    it boots while the MLflow run opens and the controller starts. Ray Train finds it by name (get_if_exists).
-    """
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-
-        get_or_create_autoscaling_coordinator()
-    except Exception:  # a private API: if Ray moved it, the controller creates it as before
-        pass
 
 
 def started_here() -> bool:
@@ -189,3 +245,5 @@ def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _started_here = False
+    if _starter_released is not None:  # after the shutdown: the daemons are gone, their starter may end
+        _starter_released.set()

@@ -44,6 +44,11 @@ def did_you_mean(given: str, allowed: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def is_import_deadlock(exc: BaseException) -> bool:
+    """CPython broke a cycle between two threads' module locks by raising in one of them; a retry succeeds."""
+    return type(exc).__name__ == "_DeadlockError" or "deadlock detected by _ModuleLock" in str(exc)
+
+
 def short_repr(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

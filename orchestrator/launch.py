@@ -72,10 +72,36 @@ def ray_configs(spec: JobSpec, plan: Plan, ray_run_name: str) -> dict[str, Any]:
     }
 
 
+def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose: bool):
+    """For the local default: Ray starting in the background while the driver imports and plans the model.
+
+    First what needs only the spec, so that input refused anyway starts nothing: the machine has the CPUs and
+    GPUs asked for, the tracking store answers, and the model and data classes are found in their modules'
+    sources (an init_args mistake is found only by importing them: then Ray is stopped again, cli.py).
+    Returns None where Ray must not start yet: a cluster address, or a class path that looks wrong.
+    """
+    from orchestrator.classpath import looks_importable
+    from orchestrator.cluster import LocalRayStart, requested_address
+    from orchestrator.plan import check_local_fit
+    from orchestrator.tracking.run import check_tracking
+    from orchestrator.tracking.uri import resolve_tracking_uri
+
+    if requested_address(spec.cluster.address) is not None:
+        return None
+    if not (looks_importable(spec.model.class_path) and looks_importable(spec.data.class_path)):
+        return None  # the real check reports it, with Ray never started
+    check_local_fit(spec, source)
+    check_tracking(resolve_tracking_uri(spec.tracking.uri))
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray", highlight=False)
+    interrupt_on_sigterm()  # ray.init off the main thread installs no SIGTERM handler of its own
+    return LocalRayStart(verbose)
+
+
 def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,
-           started_at: float | None = None, resume=None, run_id: str | None = None) -> Outcome:
+           started_at: float | None = None, resume=None, run_id: str | None = None, ray_start=None) -> Outcome:
     """`resume` (resume.ResumeTarget): continue that run's Ray Train run and MLflow run instead of new ones;
-    `run_id`: record into a run the client opened before sending the job to a cluster (`--attach-run`)."""
+    `run_id`: record into a run the client opened before sending the job to a cluster (`--attach-run`);
+    `ray_start` (cluster.LocalRayStart): the local Ray start_local_ray_early() began, to wait for."""
     from orchestrator.cluster import check_cluster_fit, connect, requested_address
     from orchestrator.recovery import check_storage
     from orchestrator.tracking.run import RunRecord, check_tracking
@@ -88,8 +114,13 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     from orchestrator.cluster import disconnect, started_here
     from orchestrator.warm_pool import refill as refill_warm_pool
 
-    check_tracking(plan.tracking_uri)
-    check_storage(plan.storage_path, source)
+    try:
+        check_tracking(plan.tracking_uri)
+        check_storage(plan.storage_path, source)
+    except BaseException:
+        if ray_start is not None:
+            ray_start.cancel()
+        raise
     marks["preflight"] = time.time()
     address = requested_address(spec.cluster.address)
     opening = None
@@ -100,11 +131,15 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         opening = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-open-run").submit(
             _open_run, spec, plan, source, run_id)
     try:
-        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
-                      else f"[dim]{time.strftime('%H:%M:%S')}[/] joining the Ray cluster at {address}", highlight=False)
-        interrupt_on_sigterm()
-        connect(address, verbose)
-        interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
+        if ray_start is not None:
+            ray_start.wait()
+        else:
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
+                          else f"[dim]{time.strftime('%H:%M:%S')}[/] joining the Ray cluster at {address}",
+                          highlight=False)
+            interrupt_on_sigterm()
+            connect(address, verbose)
+            interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
         if address is not None:
             waiting = check_cluster_fit(source, plan)
             if waiting:
@@ -324,10 +359,11 @@ def _trainer(spec, configs, record, board, verbose):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from orchestrator.attempts import AttemptRecorder
+    from orchestrator.lean_train import OrchTorchTrainer
     from orchestrator.warm_pool import WORKER_TIER, tier_runtime_env
     from orchestrator.worker import train_loop
 
-    return orch_trainer_class()(
+    return OrchTorchTrainer(
         train_loop,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
@@ -347,29 +383,6 @@ def _trainer(spec, configs, record, board, verbose):
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )
-
-
-def orch_trainer_class():
-    """TorchTrainer without the Ray Train helpers this job cannot use; each would start a Python process.
-
-    Ray Train 2.60 builds its default callbacks unconditionally: the Ray Datasets manager although our jobs
-    feed data through Lightning DataModules and pass no Ray Dataset, and the placement group cleaner, which
-    removes a run's placement group when its controller dies on a cluster that lives on; a cluster started
-    in this process ends with it, placement groups and all. No public switch exists, so this filters them.
-    """
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    from orchestrator.cluster import started_here
-
-    class OrchTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            left_out = (DatasetsCallback, PlacementGroupCleanerCallback) if started_here() else (DatasetsCallback,)
-            return [callback for callback in super()._create_default_callbacks()
-                    if not isinstance(callback, left_out)]
-
-    return OrchTorchTrainer
 
 
 def _collect(outcome: Outcome, result, spec: JobSpec) -> None:

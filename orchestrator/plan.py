@@ -68,7 +68,7 @@ def build_plan(spec: JobSpec, source: str, check_fit: bool = True, check_memory:
         offered = {"CPU": machine.cpus, "GPU": machine.gpus, "gpu_names": list(machine.gpu_names),
                    "memory_bytes": machine.memory_bytes}
         if check_fit:
-            _check_local_fit(spec, source, machine)
+            check_local_fit(spec, source, machine)
     summary, strategy_options = _summary(model), _strategy_options(spec, model, source)
     from orchestrator.fit import plan_memory
 
@@ -154,7 +154,9 @@ def _summary(model) -> str:
     return f"{ModelSummary(model, max_depth=2)}\n\n{model}\n"
 
 
-def _check_local_fit(spec: JobSpec, source: str, machine: MachineResources) -> None:
+def check_local_fit(spec: JobSpec, source: str, machine: MachineResources | None = None) -> None:
+    """The CPUs and GPUs asked for exist on this machine (for the local default, which has no other)."""
+    machine = machine or local_resources()
     problems = []
     workers = spec.scaling.num_workers
     cpus = workers * spec.scaling.cpus_per_worker

@@ -124,3 +124,29 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path, orch_env):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "MLflow tracking server at http://127.0.0.1:1 does not answer" in result.stderr
     assert "starting Ray" not in result.stdout
+
+
+@pytest.mark.parametrize("case, ray_started", [("class_path does not import", False), ("module does not import", False),
+                                               ("init_args not accepted", True)])
+def test_local_default_starts_ray_only_for_classes_it_found_and_stops_it_on_a_refusal(case, ray_started, tmp_path,
+                                                                                         orch_env, tracking_uri):
+    """Local Ray starts while the model is imported and planned (launch.start_local_ray_early), once the classes
+    are found in their modules' sources; a mistake only the import finds stops it again, leaving no process."""
+    import tempfile
+
+    import psutil
+
+    text, overrides, fragments = CASES[case]
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    ray_tmp = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    result = run_orch(["submit", str(job), *overrides], env={**orch_env, "RAY_TMPDIR": ray_tmp}, timeout=180)
+    output = result.stderr + result.stdout
+    assert result.returncode == 2, output
+    for fragment in fragments:
+        assert fragment in output, f"{fragment!r} missing from:\n{output}"
+    assert ("starting Ray" in result.stdout) is ray_started, output
+    assert "Traceback" not in output
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists(), "an MLflow store was touched"
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"Ray processes left behind: {left}"
