@@ -14,8 +14,8 @@ STEP_YAML = REPO / "benchmarks" / "step.yaml"
 DIGITS_YAML = REPO / "jobs" / "digits.yaml"
 LOSS_DECIMALS = 5
 # The start-up phases orch records (launch.py, in run order), then what follows the first step.
-PHASES = ("startup/imports_s", "startup/preflight_s", "startup/ray_start_s", "startup/tracking_s",
-          "startup/workers_start_s", "startup/setup_s", "startup/first_step_s", "train_s", "teardown_s")
+PHASES = ("startup/imports_s", "startup/preflight_s", "startup/ray_start_s", "startup/launch_s",
+          "startup/workers_start_s", "startup/setup_s", "startup/first_step_s", "train_s", "teardown_s", "run_open_s")
 
 
 # ---------------------------------------------------------------- step: per-step overhead, 1 process / 1 worker

@@ -184,7 +184,7 @@ def orch_run_metrics(tracking_uri: str, experiment: str) -> dict[str, Any]:
     run = runs[0]
     metrics = run.data.metrics
     row: dict[str, Any] = {"status": run.info.status}
-    for key in ("orch/first_step_s", "orch/total_s", "orch/ray_ready_s", "orch/warm_workers"):
+    for key in ("orch/first_step_s", "orch/total_s", "orch/ray_ready_s", "orch/run_open_s", "orch/warm_workers"):
         if key in metrics:
             row[key.removeprefix("orch/")] = metrics[key]
     for key, value in metrics.items():

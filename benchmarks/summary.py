@@ -93,7 +93,8 @@ def text_block(case: Case, description: str, result: dict[str, Any], interrupted
                  *(DASH if not stats[key][arm] else f"{stats[key][arm]['median']:.2f}" for arm in case.arms)]
                 for key in present]
         if body:
-            lines.append("  breakdown, s (medians; the start-up phases sum to the first-step time):")
+            lines.append("  breakdown, s (medians; the start-up phases sum to the first-step time; run_open, the "
+                         "MLflow run opening while the workers start, overlaps them):")
             lines += _table(["phase", *case.arms.values()], body, indent="    ")
         else:
             lines.append("  breakdown: no phase figures recorded")

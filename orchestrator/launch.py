@@ -123,13 +123,8 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         raise
     marks["preflight"] = time.time()
     address = requested_address(spec.cluster.address)
-    opening = None
-    if address is None and resume is None:
-        # The local default: open the MLflow run while Ray starts. Both take seconds spent mostly waiting on
-        # other processes and on disk (a new sqlite store migrates its schema), so they overlap even on two
-        # cores. A cluster is joined first instead: a job it refuses must leave no run behind.
-        opening = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-open-run").submit(
-            _open_run, spec, plan, source, run_id)
+    ray_run_name = resume.ray_run_name if resume else new_ray_run_name(spec)
+    opening = fit = None
     try:
         if ray_start is not None:
             ray_start.wait()
@@ -141,33 +136,37 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             connect(address, verbose)
             interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which would exit without closing the run
         if address is not None:
-            waiting = check_cluster_fit(source, plan)
+            waiting = check_cluster_fit(source, plan)  # before the run opens: a job it refuses leaves no run behind
             if waiting:
                 console.print(f"[yellow]{waiting}[/]", highlight=False)
         marks["ray"] = time.time()
         ray_ready_s = marks["ray"] - started_at
-        if opening is not None:
-            record = opening.result()
-        elif resume:
-            record = RunRecord.reopen(plan.tracking_uri, resume.run_id)
-        else:
-            record = _open_run(spec, plan, source, run_id)
+        # The workers start first and the MLflow run opens meanwhile: opening it is seconds of this process's own
+        # work (importing MLflow, a new sqlite store's schema, params and artifacts), which no longer holds up the
+        # controller and the worker processes. They read the run's id from the progress board (worker.py).
+        fit = _start_fit(spec, ray_configs(spec, plan, ray_run_name), resume.run_id if resume else run_id,
+                         plan.tracking_uri, verbose, resume)
+        marks["launch"] = time.time()
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-open-run")
+        opening = pool.submit(RunRecord.reopen, plan.tracking_uri, resume.run_id) if resume else \
+            pool.submit(_open_run, spec, plan, source, ray_run_name, run_id)
+        record = _wait(opening)
+        fit.board.update.remote({"run_id": record.run_id})
+        run_open_s = time.time() - marks["launch"]  # while the workers started: not one of the phases
     except BaseException as exc:
-        disconnect()  # leave nothing running
-        if opening is not None:
+        disconnect()  # leave nothing running: a controller and workers already started end with this driver's job
+        _wait_for_fit_thread()
+        if opening is not None and resume is None:
             _close_opened_run(opening, exc)
         raise
     outcome = Outcome("RUNNING", record.run_id, record.experiment_id, plan.tracking_uri,
                       ui_command=ui_command(plan.tracking_uri, record.run_id))
-    ray_run_name = resume.ray_run_name if resume else ray_run_name_for(spec, record.run_id)
     try:
         if resume:
             record.set_tags(resume.tags())
         record.set_tags({"orch.driver_pid": str(os.getpid()), "orch.project_dir": str(Path.cwd())})
-        marks["tracking"] = time.time()
-        configs = ray_configs(spec, plan, ray_run_name)
-        result, timings = _fit(spec, plan, configs, record, console, verbose, started_at, resume, marks)
-        outcome.timings = {"ray_ready_s": ray_ready_s, **timings}
+        result, timings = _follow(spec, plan, fit, record, console, started_at, resume, marks)
+        outcome.timings = {"ray_ready_s": ray_ready_s, "run_open_s": run_open_s, **timings}
         _collect(outcome, result, spec)
         _record_outcome(record, outcome, step=resume.session if resume else 0)
         outcome.status = "FINISHED"
@@ -191,6 +190,15 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             disconnect()
             _wait_for_fit_thread()
     return outcome
+
+
+def _wait(future: concurrent.futures.Future):
+    """future.result() in slices, so that Ctrl-C reaches the main thread while it waits."""
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except concurrent.futures.TimeoutError:
+            continue
 
 
 def _wait_for_fit_thread(timeout_s: float = 20.0) -> None:
@@ -218,18 +226,25 @@ def ui_command(tracking_uri: str, run_id: str) -> str:
     return f"orch ui --run {run_id}{extra}"
 
 
-def ray_run_name_for(spec: JobSpec, run_id: str) -> str:
-    return f"{spec.name}_{run_id}"
+def new_ray_run_name(spec: JobSpec) -> str:
+    """The Ray Train run's name, its checkpoints' folder: the job's name, when it started, and a random suffix.
+
+    Not the MLflow run's id, which is only known once the run is open, after the workers start; the run's tag
+    orch.ray_run_name and the storage path's tag lead from one to the other.
+    """
+    import secrets
+
+    return f"{spec.name}_{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(3)}"
 
 
-def _open_run(spec: JobSpec, plan: Plan, source: str, run_id: str | None):
+def _open_run(spec: JobSpec, plan: Plan, source: str, ray_run_name: str, run_id: str | None):
     """A new MLflow run (or the one the client opened, `--attach-run`) with the job's params, tags and artifacts."""
     from orchestrator.tracking.run import RunRecord
 
     record = RunRecord(plan.tracking_uri, spec.experiment, spec.tracking.run_name, run_tags(spec, plan, source),
                        run_id=run_id)
     try:
-        _record_job(record, spec, plan, ray_run_name_for(spec, record.run_id))
+        _record_job(record, spec, plan, ray_run_name)
     except BaseException as exc:
         record.finish("FAILED", f"recording the job failed: {exc}")
         raise
@@ -237,13 +252,13 @@ def _open_run(spec: JobSpec, plan: Plan, source: str, run_id: str | None):
 
 
 def _close_opened_run(opening: concurrent.futures.Future, exc: BaseException) -> None:
-    """Ray did not start (or Ctrl-C came) while the run was being opened: the run must not stay RUNNING."""
+    """The job did not start (or Ctrl-C came) while the run was being opened: the run must not stay RUNNING."""
     try:
         record = opening.result(timeout=60)
     except BaseException:  # it failed too and closed itself; the first error is the one to report
         return
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-    record.finish(status, f"Ray did not start: {exc}" if status == "FAILED" else "interrupted before training started")
+    record.finish(status, f"the job did not start: {exc}" if status == "FAILED" else "interrupted before training started")
 
 
 def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
@@ -270,8 +285,9 @@ def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
 STARTUP_PHASES = (  # (name, the mark that ends it); each phase starts where the one before ended
     ("imports", "submit"),  # Python, the CLI's imports, the spec, the plan (the model built on the meta device)
     ("preflight", "preflight"),  # the tracking store and the checkpoint storage answer
-    ("ray_start", "ray"),  # Ray started in this process, or the cluster joined
-    ("tracking", "tracking"),  # the MLflow run opened, params, tags and artifacts logged
+    ("ray_start", "ray"),  # what was left of Ray's start once the model was planned, or the cluster joined
+    ("launch", "launch"),  # the trainer built (Ray Train imported) and fit() started; the MLflow run then opens
+    #                        in the background while the workers start (orch/run_open_s, not a phase of its own)
     ("workers_start", "worker_entered_at"),  # controller, placement group, worker processes, process group
     ("setup", "started_at"),  # imports in the worker, model, data, Lightning's set-up, restoring a checkpoint
     ("first_step", "first_step_at"),  # the first optimizer step
@@ -285,26 +301,41 @@ def startup_phases(marks: dict[str, float]) -> dict[str, float]:
         if mark not in marks:
             break
         phases[name] = max(0.0, marks[mark] - previous)
-        previous = marks[mark]
+        previous = max(previous, marks[mark])
     return phases
 
 
-def _fit(spec, plan, configs, record, console, verbose, started_at, resume, marks):
-    from orchestrator.progress import ProgressView, create_board
+@dataclass
+class _StartedFit:
+    board: Any  # the progress board (progress.py)
+    box: dict[str, Any]  # "result" or "error", set by the fit thread
+    done: threading.Event
+
+
+def _start_fit(spec, configs, run_id, tracking_uri, verbose, resume) -> _StartedFit:
+    """TorchTrainer.fit() in a thread; `run_id` None: the workers wait for it on the board."""
+    from orchestrator.progress import create_board
+
+    board = create_board()
+    board.update.remote({"attempt_base": resume.attempts if resume else 0})
+    trainer = _trainer(spec, configs, run_id, tracking_uri, board, verbose)
+    started = _StartedFit(board, {}, threading.Event())  # an Event: Python 3.11 marks a thread stopped when
+    thread = threading.Thread(target=_fit_into, args=(trainer, started.box, started.done), name="orch-fit",
+                              daemon=True)  # Ctrl-C interrupts its join()
+    thread.start()
+    return started
+
+
+def _follow(spec, plan, fit: _StartedFit, record, console, started_at, resume, marks):
+    """Show the job live until fit() returns; Ctrl-C asks the workers for a checkpoint first."""
+    from orchestrator.progress import ProgressView
     from orchestrator.recovery import AttemptLog, stop_gracefully
 
     timings: dict[str, float] = {}
     attempts = AttemptLog(record.tracking_uri, record.run_id, resume.attempts if resume else 0)
+    board, box, done = fit.board, fit.box, fit.done
     with ProgressView(console, spec.name, plan.world_size) as view:
         view.set_status(f"starting {plan.world_size} workers")
-        board = create_board()
-        board.update.remote({"attempt_base": resume.attempts if resume else 0})
-        trainer = _trainer(spec, configs, record, board, verbose)
-        box: dict[str, Any] = {}
-        # Waited on through an Event: Python 3.11 marks a thread stopped when Ctrl-C interrupts its join().
-        done = threading.Event()
-        thread = threading.Thread(target=_fit_into, args=(trainer, box, done), name="orch-fit", daemon=True)
-        thread.start()
 
         def poll() -> dict:
             state = _poll(board, view, timings, started_at, marks)
@@ -355,20 +386,20 @@ def _fit_into(trainer, box: dict[str, Any], done: threading.Event) -> None:
         done.set()
 
 
-def _trainer(spec, configs, record, board, verbose):
+def _trainer(spec, configs, run_id, tracking_uri, board, verbose):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from orchestrator.attempts import AttemptRecorder
     from orchestrator.lean_train import OrchTorchTrainer
-    from orchestrator.warm_pool import WORKER_TIER, tier_runtime_env
+    from orchestrator.warm_pool import tier_runtime_env, worker_tier
     from orchestrator.worker import train_loop
 
     return OrchTorchTrainer(
         train_loop,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
-            "run_id": record.run_id,
-            "tracking_uri": record.tracking_uri,
+            "run_id": run_id,  # None: not open yet, the workers read it from the board
+            "tracking_uri": tracking_uri,
             "board": board,
             "verbose": verbose,
         },
@@ -379,7 +410,7 @@ def _trainer(spec, configs, record, board, verbose):
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
             # Processes kept warm for the workers import Lightning and MLflow; the job's other actors' do not.
-            worker_runtime_env=tier_runtime_env(WORKER_TIER),
+            worker_runtime_env=tier_runtime_env(worker_tier(tracking_uri)),
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )

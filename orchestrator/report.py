@@ -125,6 +125,8 @@ def print_outcome(console: Console, spec: JobSpec, outcome) -> None:
         parts = [f"{name} {value:.1f} s" for name, value in phases]
         if timings.get("warm_workers"):
             parts.append(f"{timings['warm_workers']:.0f} of {spec.scaling.num_workers} workers warm")
+        if "run_open_s" in timings:
+            parts.append(f"MLflow run opened in {timings['run_open_s']:.1f} s while the workers started")
         console.print("[dim]start-up: " + " · ".join(parts) + "[/]", highlight=False)
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")

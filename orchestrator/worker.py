@@ -50,7 +50,8 @@ def train_loop(config: dict[str, Any]) -> None:
     strategy = build_strategy(spec, model)
     prepare_model(spec, model)  # activation checkpointing and torch.compile, per the spec
     restored = ray.train.get_checkpoint()  # a restarted attempt, or `orch resume`
-    logger = MLflowRunLogger(config["tracking_uri"], config["run_id"], resumed=restored is not None,
+    run_id = config.get("run_id") or RunIdFromBoard(config["board"])  # the driver opens the run meanwhile
+    logger = MLflowRunLogger(config["tracking_uri"], run_id, resumed=restored is not None,
                              replay=restored_metrics(restored) if context.get_world_rank() == 0 else None)
     reporter = RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps)
     callbacks: list[pl.Callback] = [
@@ -65,7 +66,7 @@ def train_loop(config: dict[str, Any]) -> None:
     callbacks += scale_callbacks(spec)
     from orchestrator.tracking.throughput import telemetry_callbacks
 
-    callbacks += telemetry_callbacks(spec.tracking, config["tracking_uri"], config["run_id"])
+    callbacks += telemetry_callbacks(spec.tracking, config["tracking_uri"], run_id)
 
     trainer = pl.Trainer(
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",
@@ -93,11 +94,37 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray.train.lightning import prepare_trainer
 
     trainer = prepare_trainer(trainer)
-    _record_hosts(config, context)
+    _record_hosts(logger, context)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=checkpoint_path(restored))
     except StopRequested:  # Ctrl-C / `orch stop`: the checkpoint is reported; a clean end for Ray Train
         return
+
+
+class RunIdFromBoard:
+    """The MLflow run's id, which the driver posts on the progress board once the run is open (launch.py).
+
+    The driver opens the run while the workers start, so nothing waits for it at start-up; the metric sender's
+    and the sampler's threads ask for it when they first talk to MLflow, by when it is almost always there.
+    If the driver cannot open the run it ends the job, and this wait ends with it.
+    """
+
+    def __init__(self, board, timeout_s: float = 600.0):
+        self.board = board
+        self.timeout_s = timeout_s
+
+    def __call__(self) -> str:
+        import time
+
+        import ray
+
+        deadline = time.time() + self.timeout_s
+        while time.time() < deadline:
+            run_id = ray.get(self.board.get.remote("run_id"))
+            if run_id:
+                return run_id
+            time.sleep(0.1)
+        raise TimeoutError(f"the driver did not open the MLflow run within {self.timeout_s:.0f} s")
 
 
 def _match_cold_threads() -> None:
@@ -119,7 +146,7 @@ def _ray_environment():
     return RayLightningEnvironment()
 
 
-def _record_hosts(config: dict[str, Any], context) -> None:
+def _record_hosts(logger, context) -> None:
     """Every rank's hostname and PyTorch thread count, gathered once so rank 0 can tag the run with where it ran
     (orch.hostnames) and how many threads each rank computed with (orch.torch_threads, in rank order)."""
     import torch
@@ -130,16 +157,9 @@ def _record_hosts(config: dict[str, Any], context) -> None:
     if dist.is_available() and dist.is_initialized():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
-    if context.get_world_rank() == 0:
-        from mlflow import MlflowClient
-        from mlflow.entities import RunTag
-
-        try:
-            MlflowClient(config["tracking_uri"]).log_batch(config["run_id"], tags=[
-                RunTag("orch.hostnames", ",".join(sorted({host for host, _ in ranks}))),
-                RunTag("orch.torch_threads", ",".join(str(threads) for _, threads in ranks))])
-        except Exception as exc:  # a tracking outage must not stop training; the metrics are buffered
-            logging.getLogger(__name__).warning("could not tag the run with its hosts: %s", exc)
+    if context.get_world_rank() == 0:  # sent by the metric sender's thread: a tracking outage stops nothing
+        logger.experiment.set_tags({"orch.hostnames": ",".join(sorted({host for host, _ in ranks})),
+                                    "orch.torch_threads": ",".join(str(threads) for _, threads in ranks)})
 
 
 def _quiet() -> None:

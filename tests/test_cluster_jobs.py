@@ -174,7 +174,8 @@ def test_ctrl_c_detaches_a_queued_job_waits_and_stop_closes_runs_killed(cluster,
     assert "[driver @ head] KILLED" in logs, logs[-3000:]
     run = client.search_runs([experiment], f"tags.`orch.ray_job_id` = '{long_job}'")[0]
     assert "orch.error" not in run.data.tags or "closed by orch" not in run.data.tags["orch.error"]
-    folder = Path(state["storage_path"]) / f"probe_{run.info.run_id}"
+    folder = Path(run.data.tags["orch.storage_path"]) / run.data.tags["orch.ray_run_name"]
+    assert folder.parent == Path(state["storage_path"]) and folder.name.startswith("probe_"), folder
     assert any(folder.glob("checkpoint_*")), f"no checkpoint in {folder}"
 
 

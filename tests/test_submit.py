@@ -39,7 +39,7 @@ def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_ur
     # Where the wait before the first step went, phase by phase, adding up to the time to the first step.
     phases = {key: value for key, value in run.data.metrics.items() if key.startswith("orch/startup/")}
     assert set(phases) == {f"orch/startup/{name}_s" for name in
-                           ("imports", "preflight", "ray_start", "tracking", "workers_start", "setup", "first_step")}
+                           ("imports", "preflight", "ray_start", "launch", "workers_start", "setup", "first_step")}
     assert all(value >= 0 for value in phases.values())
     assert sum(phases.values()) == pytest.approx(run.data.metrics["orch/first_step_s"], abs=0.05)
 

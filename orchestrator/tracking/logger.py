@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -20,6 +20,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from orchestrator.tracking.gate import MetricGate
 
 log = logging.getLogger(__name__)
+
+RunId = str | Callable[[], str]  # the id, or a call that waits for it (worker.py: the driver posts it once open)
+
+
+
+def resolve_run_id(run_id: RunId) -> str:
+    return run_id() if callable(run_id) else run_id
+
 
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch
 MAX_RETRY_INTERVAL_S = 10.0
@@ -34,12 +42,12 @@ class MetricSender:
     thread, so an outage at restart only delays them) and count as sent.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, interval_s: float = 1.0, max_buffered: int = 200_000,
+    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float = 1.0, max_buffered: int = 200_000,
                  resumed: bool = False):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
+        self._run_id = run_id
         self.interval_s = interval_s
         self.max_buffered = max_buffered
         self._buffer: deque = deque()
@@ -55,6 +63,12 @@ class MetricSender:
         self._look_up_steps = resumed
         self._thread = threading.Thread(target=self._run, name="orch-metric-sender", daemon=True)
         self._thread.start()
+
+    @property
+    def run_id(self) -> str:
+        """Asked for only where MLflow is called (this sender's thread, the sampler's): waiting there costs no step."""
+        self._run_id = resolve_run_id(self._run_id)
+        return self._run_id
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -177,7 +191,7 @@ class MetricSender:
 class MLflowRunLogger(Logger):
     """A Lightning logger that writes into an existing run and leaves its status to the driver."""
 
-    def __init__(self, tracking_uri: str, run_id: str, resumed: bool = False, replay: list | None = None):
+    def __init__(self, tracking_uri: str, run_id: RunId, resumed: bool = False, replay: list | None = None):
         super().__init__()
         self._tracking_uri = tracking_uri
         self._run_id = run_id
@@ -192,7 +206,7 @@ class MLflowRunLogger(Logger):
 
     @property
     def version(self) -> str:
-        return self._run_id
+        return resolve_run_id(self._run_id)
 
     @property
     @rank_zero_experiment

@@ -223,7 +223,10 @@ class ThroughputMonitor(pl.Callback):
             from mlflow import MlflowClient
             from mlflow.entities import RunTag
 
-            MlflowClient(self.tracking_uri).log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            from orchestrator.tracking.logger import resolve_run_id
+
+            MlflowClient(self.tracking_uri).log_batch(resolve_run_id(self.run_id),
+                                                      tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception as exc:  # the metrics still went through the logger
             log.warning("could not tag the run with its throughput summary: %s", exc)
 
