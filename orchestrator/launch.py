@@ -102,7 +102,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     """`resume` (resume.ResumeTarget): continue that run's Ray Train run and MLflow run instead of new ones;
     `run_id`: record into a run the client opened before sending the job to a cluster (`--attach-run`);
     `ray_start` (cluster.LocalRayStart): the local Ray start_local_ray_early() began, to wait for."""
-    from orchestrator.cluster import check_cluster_fit, connect, requested_address
+    from orchestrator.cluster import check_cluster_fit, connect, lean_loopback_cluster, requested_address
     from orchestrator.recovery import check_storage
     from orchestrator.tracking.run import RunRecord, check_tracking
 
@@ -139,6 +139,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             waiting = check_cluster_fit(source, plan)  # before the run opens: a job it refuses leaves no run behind
             if waiting:
                 console.print(f"[yellow]{waiting}[/]", highlight=False)
+            lean_loopback_cluster()
         marks["ray"] = time.time()
         ray_ready_s = marks["ray"] - started_at
         # The workers start first and the MLflow run opens meanwhile: opening it is seconds of this process's own
@@ -151,6 +152,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         opening = pool.submit(RunRecord.reopen, plan.tracking_uri, resume.run_id) if resume else \
             pool.submit(_open_run, spec, plan, source, ray_run_name, run_id)
         record = _wait(opening)
+        pool.shutdown(wait=False)
         fit.board.update.remote({"run_id": record.run_id})
         run_open_s = time.time() - marks["launch"]  # while the workers started: not one of the phases
     except BaseException as exc:
