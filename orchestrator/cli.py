@@ -190,9 +190,9 @@ def plan(
     if as_json:
         import json
 
-        from orchestrator.launch import ray_configs
+        from orchestrator.launch import ray_configs, ray_run_name_placeholder
 
-        data = job_plan.to_dict() | {"ray": ray_configs(spec, job_plan, f"{spec.name}_<run id>")}
+        data = job_plan.to_dict() | {"ray": ray_configs(spec, job_plan, ray_run_name_placeholder(spec))}
         print(json.dumps(data, indent=2))
         return
     from orchestrator.report import print_plan

@@ -239,6 +239,11 @@ def new_ray_run_name(spec: JobSpec) -> str:
     return f"{spec.name}_{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(3)}"
 
 
+def ray_run_name_placeholder(spec: JobSpec) -> str:
+    """What `orch plan` shows for new_ray_run_name(), which is only drawn when the job starts."""
+    return f"{spec.name}_<start time>_<random>"
+
+
 def _open_run(spec: JobSpec, plan: Plan, source: str, ray_run_name: str, run_id: str | None):
     """A new MLflow run (or the one the client opened, `--attach-run`) with the job's params, tags and artifacts."""
     from orchestrator.tracking.run import RunRecord

@@ -28,7 +28,7 @@ def human_count(n: int) -> str:
 
 
 def print_plan(console: Console, spec: JobSpec, plan: Plan) -> None:
-    from orchestrator.launch import ray_configs
+    from orchestrator.launch import ray_configs, ray_run_name_placeholder
 
     console.rule(f"[bold]{spec.name}[/] — resolved spec ({plan.source})")
     console.print(Syntax(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "yaml", theme="ansi_dark"))
@@ -50,13 +50,13 @@ def print_plan(console: Console, spec: JobSpec, plan: Plan) -> None:
         *memory_rows(spec, plan),
         ("offered", _offered(plan)),
         ("tracking", redact(plan.tracking_uri)),
-        ("checkpoints", f"{plan.storage_path}/{spec.name}_<run id>"),
+        ("checkpoints", f"{plan.storage_path}/{ray_run_name_placeholder(spec)}"),
     ]
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
     console.rule("Ray Train request")
-    request = ray_configs(spec, plan, f"{spec.name}_<run id>")
+    request = ray_configs(spec, plan, ray_run_name_placeholder(spec))
     console.print(Syntax(yaml.safe_dump(request, sort_keys=False), "yaml", theme="ansi_dark"))
 
 
