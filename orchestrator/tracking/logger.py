@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 RunId = str | Callable[[], str]  # the id, or a call that waits for it (worker.py: the driver posts it once open)
 
 
-
 def resolve_run_id(run_id: RunId) -> str:
     return run_id() if callable(run_id) else run_id
 
