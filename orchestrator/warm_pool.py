@@ -35,12 +35,12 @@ WORKER_TIER = "worker"  # Ray Train's workers (launch.py sets it in RunConfig.wo
 SQLITE_WORKER_TIER = "worker-sqlite"  # the same, for a job whose MLflow store is a sqlite file (worker_tier())
 JOB_TIER = "job"  # Ray Train's controller and helpers (cluster.worker_env sets it for the whole job)
 BARE_TIER = "bare"  # actors of ours that need nothing but Ray (the progress board)
+_WORKER_IMPORTS = ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning", "mlflow")
 WARM_IMPORTS = {
-    WORKER_TIER: ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning", "mlflow"),
+    WORKER_TIER: _WORKER_IMPORTS,
     # MLflow's SQL store is most of the cost of rank 0's first MLflow client (~0.6 s of CPU on a small machine,
     # 45 MB): worth keeping warm only for jobs that write to a sqlite file rather than to a tracking server.
-    SQLITE_WORKER_TIER: ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning", "mlflow",
-                         "mlflow.store.tracking.sqlalchemy_store"),
+    SQLITE_WORKER_TIER: (*_WORKER_IMPORTS, "mlflow.store.tracking.sqlalchemy_store"),
     # Ray Train's controller unpickles the trainer's PyTorch backend as it starts. Its synchronization actor and
     # helpers are started with the controller's environment, so Ray may give any of them the controller's warm
     # process: those pay ~2 s of CPU each for nothing, so that the controller starts at once.

@@ -112,8 +112,14 @@ class RunIdFromBoard:
     def __init__(self, board, timeout_s: float = 600.0):
         self.board = board
         self.timeout_s = timeout_s
+        self._run_id: str | None = None  # once posted: the logger, the sampler and the throughput monitor share it
 
     def __call__(self) -> str:
+        if self._run_id is None:
+            self._run_id = self._wait_for_run_id()
+        return self._run_id
+
+    def _wait_for_run_id(self) -> str:
         import time
 
         import ray

@@ -66,8 +66,7 @@ class MetricSender:
     @property
     def run_id(self) -> str:
         """Asked for only where MLflow is called (this sender's thread, the sampler's): waiting there costs no step."""
-        self._run_id = resolve_run_id(self._run_id)
-        return self._run_id
+        return resolve_run_id(self._run_id)
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric

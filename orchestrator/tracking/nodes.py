@@ -6,11 +6,14 @@ import logging
 import os
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
 from orchestrator.tracking.system import SystemSampler, safe_label
+
+if TYPE_CHECKING:
+    from orchestrator.tracking.logger import RunId
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ class NodeSampling:
     throughput monitor (one callback) drives it; `SystemMetricsCallback` does when throughput is switched off.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, interval_s: float):
+    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.interval_s = interval_s
@@ -59,7 +62,7 @@ class NodeSampling:
 class SystemMetricsCallback(pl.Callback):
     """Hardware sampling alone, for jobs with `tracking.throughput: false`."""
 
-    def __init__(self, tracking_uri: str, run_id: str, interval_s: float):
+    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float):
         self.sampling = NodeSampling(tracking_uri, run_id, interval_s)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -15,12 +15,15 @@ import statistics
 import sys
 import time
 from array import array
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
 from orchestrator.callbacks import _batch_size
 from orchestrator.tracking.mfu import StepFlopCounter, mfu, peak_flops, recipe_flops_per_sample
+
+if TYPE_CHECKING:
+    from orchestrator.tracking.logger import RunId
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ MIN_WINDOW_S = 1.0
 class ThroughputMonitor(pl.Callback):
     """Also starts and stops the node's hardware sampling, so that all tracking costs one callback per hook."""
 
-    def __init__(self, tracking_uri: str | None = None, run_id: str | None = None, node_sampling=None):
+    def __init__(self, tracking_uri: str | None = None, run_id: RunId | None = None, node_sampling=None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.node_sampling = node_sampling
@@ -292,7 +295,7 @@ def _peak_rss_bytes() -> float:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def telemetry_callbacks(tracking, tracking_uri: str, run_id: str) -> list[pl.Callback]:
+def telemetry_callbacks(tracking, tracking_uri: str, run_id: RunId) -> list[pl.Callback]:
     """What the worker adds to the trainer for the spec's `tracking` section."""
     from orchestrator.tracking.nodes import NodeSampling, SystemMetricsCallback
 
