@@ -166,9 +166,9 @@ def lean_local_ray() -> None:
 
     Each is one more Python process (about a second of CPU to start on a small machine, all before the first
     step) and none can act here: the preemption watcher looks for nodes being drained, which an in-process
-    cluster never is; Ray Train's Prometheus metrics need the dashboard's agent to be exported. The placement
-    group cleaner, the Ray Datasets manager and the autoscaling coordinator are left out by the trainer
-    (lean_train.OrchTorchTrainer). Set
+    cluster never is; Ray Train's Prometheus metrics need the dashboard's agent to be exported. The Ray
+    Datasets manager and the autoscaling coordinator are left out by the trainer (lean_train.OrchTorchTrainer),
+    as is the placement group cleaner on every cluster. Set
     before the trainer is built: the driver reads them and Ray Train hands them on to its controller.
     """
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -182,7 +182,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             record.finish("KILLED", outcome.error)
     except BaseException as exc:
         outcome.status = "FAILED"
-        outcome.error = _describe_failure(exc)
+        outcome.error = _describe_failure(exc, record.run_id)
         record.finish("FAILED", outcome.error)
     finally:
         try:
@@ -458,9 +458,9 @@ def _record_stop(record, outcome: Outcome, interrupt: KeyboardInterrupt, spec: J
     return stop_note(stopped, record.run_id)
 
 
-def _describe_failure(exc: BaseException) -> str:
+def _describe_failure(exc: BaseException, run_id: str) -> str:
     """Ray wraps the worker's exception; show the user's traceback, not Ray's plumbing."""
     from orchestrator.recovery import describe_failure
 
-    text = describe_failure(exc) or "".join(traceback.format_exception(exc))
+    text = describe_failure(exc, run_id) or "".join(traceback.format_exception(exc))
     return text.strip()

@@ -30,21 +30,24 @@ class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
 
 
 class OrchTorchTrainer(TorchTrainer):
-    """TorchTrainer that leaves out what an orch job on this cluster cannot use.
+    """TorchTrainer that leaves out what an orch job cannot use.
 
-    Always: the Ray Datasets manager (our jobs feed data through Lightning DataModules, never a Ray Dataset).
-    On a cluster started in this process (it ends with the driver, placement groups and all, and nothing can
-    add nodes to it): the placement group cleaner, which removes a run's placement group when its controller
-    dies on a cluster that lives on, and the autoscaling coordinator.
+    Always:
+    - the Ray Datasets manager: our jobs feed data through Lightning DataModules, never a Ray Dataset;
+    - the placement group cleaner, a detached actor (a process of its own, ~4 s of CPU on a small machine, as
+      it imports Ray Train's state API) that removes a run's placement group if its controller dies while the
+      job's driver lives on. Ray ties a placement group to the job's driver (ray-project/ray#58515), and the
+      cleaner is there for drivers that outlive their controllers (Ray Tune, asynchronous validation). An orch
+      job's driver is `orch submit` itself (or its Ray Jobs entrypoint), which ends as soon as the controller's
+      run returns or the controller dies, and Ray then removes the placement group with the job.
+    On a cluster started in this process (nothing can add nodes to it): the autoscaling coordinator.
     """
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-        from orchestrator.cluster import started_here
-
-        left_out = (DatasetsCallback, PlacementGroupCleanerCallback) if started_here() else (DatasetsCallback,)
+        left_out = (DatasetsCallback, PlacementGroupCleanerCallback)
         return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, left_out)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):

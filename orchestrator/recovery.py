@@ -149,11 +149,31 @@ def check_storage(storage_path: str, source: str) -> None:
             f"write, e.g. checkpoint.storage_path={os.path.join(os.getcwd(), 'orch_runs')}"))]) from None
 
 
-def describe_failure(exc: BaseException) -> str | None:
-    """A fatal error raised on purpose (NaN/inf) reads as its message, not as Ray's controller traceback."""
+def describe_failure(exc: BaseException, run_id: str) -> str | None:
+    """Failures whose traceback says nothing to the user read as a sentence: a fatal error raised on purpose
+    (NaN/inf), and the death of Ray Train's controller, which is Ray's plumbing from top to bottom."""
     from orchestrator.attempts import FatalTrainingError
 
     failure = getattr(exc, "controller_failure", None)
     if isinstance(failure, FatalTrainingError):
         return str(failure)
-    return None
+    return describe_controller_death(exc, run_id)
+
+
+def describe_controller_death(exc: BaseException, run_id: str) -> str | None:
+    """Ray Train restarts dead workers, but not its controller: when that process dies the job ends."""
+    import re
+
+    from ray.exceptions import ActorDiedError
+
+    if not isinstance(exc, ActorDiedError) or "class_name: TrainController" not in str(exc):
+        return None
+    text = str(exc)
+    pid = re.search(r"pid: (\d+)", text)
+    ip = re.search(r"ip: (\S+)", text)
+    where = f" (pid {pid.group(1)}{f' on {ip.group(1)}' if ip else ''})" if pid else ""
+    detail = re.search(r"Worker exit detail: (.*?)(?= Some common causes|\n|$)", text)
+    cause = f": {detail.group(1).strip().rstrip('.')}" if detail else ""
+    return (f"Ray Train's controller process{where} died{cause}. Ray restarts workers but not the controller, so "
+            f"the job ended; the checkpoints already written are kept and `orch resume {run_id}` carries on from the "
+            "last one. If it was killed for memory, the node's `dmesg` says so.")

@@ -101,9 +101,9 @@ def _refill() -> int:
     wanted = collections.Counter(
         (actor.address.node_id.hex(), actor.serialized_runtime_env) for actor in actors
         # Every actor of the job had a process of its own (the progress board, Ray Train's controller, workers and
-        # helpers), detached ones included: Ray Train's placement group cleaner is a detached actor that each job
-        # starts anew, and left uncounted it took a warm process from the next job's helpers (one of them then
-        # started cold, ~3 s of CPU at the first step on a small machine).
+        # helpers), detached ones included: a detached helper that each job starts anew (as Ray Train's placement
+        # group cleaner was, before lean_train left it out) would otherwise take a warm process from the next
+        # job's helpers, and one of them would start cold (~3 s of CPU at the first step on a small machine).
         if actor.pid and keep_alive.get(actor.address.node_id.hex()))
     asked = 0
     for (node_id, runtime_env), count in wanted.items():

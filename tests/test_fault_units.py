@@ -196,3 +196,25 @@ def test_resume_refuses_clearly(orch_env, tracking_uri, tmp_path):
     finally:
         driver.kill()
         driver.wait()
+
+
+def test_a_dead_controller_reads_as_a_sentence_that_says_how_to_go_on():
+    """Ray Train restarts workers, not its controller; its death is Ray's plumbing and must not read as a traceback.
+    (Seen end to end: SIGKILL to the controller mid-run left a FAILED run, no placement group, and `orch resume`
+    finished the job from its last checkpoint.)"""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+
+    from orchestrator.recovery import describe_failure
+
+    died = ActorDiedError(ActorDiedErrorContext(
+        class_name="TrainController", actor_id=bytes(16), pid=4242, node_ip_address="10.0.0.7",
+        error_message="The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker "
+                      "exit detail: Worker unexpectedly exits with a connection error code 2. End of file. Some "
+                      "common causes include: (1) the process was killed by the OOM killer"))
+    text = describe_failure(died, "abc123")
+    assert text.startswith("Ray Train's controller process (pid 4242 on 10.0.0.7) died: Worker unexpectedly exits "
+                           "with a connection error code 2. End of file. Ray restarts"), text
+    assert "`orch resume abc123`" in text
+    worker = ActorDiedError(ActorDiedErrorContext(class_name="RayTrainWorker", actor_id=bytes(16)))
+    assert describe_failure(worker, "abc123") is None  # the user's traceback (or Ray's) is shown as it is

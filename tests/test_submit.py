@@ -32,7 +32,7 @@ def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_ur
     for fragment in ("FINISHED", "final metrics", "val/acc", "best checkpoint", run_id, f"orch ui --run {run_id}",
                      "start-up: imports"):
         assert fragment in output, f"{fragment!r} missing from:\n{output}"
-    # Ray's known noise stays out of the terminal (the dashboard-less local cluster runs no placement group cleaner).
+    # Ray's known noise stays out of the terminal.
     for noise in ("Failed to query Ray Train Controller", "Traceback", "token authentication"):
         assert noise not in output, output
 
