@@ -37,20 +37,68 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_address() -> str:
-    """Started once, in this process; CLI subprocesses join it through RAY_ADDRESS."""
+    """Started once, in this process; CLI subprocesses join it through RAY_ADDRESS.
+
+    On loopback only, as `orch` starts a cluster of its own: Ray swaps 127.0.0.1 for the machine's LAN address,
+    and listens on every interface, unless it believes it runs a single-machine cluster. Ray reads that belief
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) when it is first imported, which test collection did long before this
+    fixture, so the constant is set for the start here and restored after, along with the environment: the
+    multi-node tests start `ray start --address` nodes, which refuse to run with it.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
+    from ray._private import ray_constants
 
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
+    single_machine, before = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, ray_constants.ENABLE_RAY_CLUSTER
+    previous = os.environ.get(single_machine)
+    os.environ[single_machine], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING, log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if previous is None:
+            os.environ.pop(single_machine)
+        else:
+            os.environ[single_machine] = previous
     address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address
     yield address
     ray.shutdown()
 
 
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
+    """A store that does not exist yet: `orch` creates it, as on a user's first run."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """A sqlite store as a user's first run leaves it, made once per session: copy it, never write to it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables: all of MLflow's migrations
+    return path
+
+
+@pytest.fixture
+def existing_store(tracking_uri: str, migrated_store: Path) -> str:
+    """`tracking_uri`, already created, as on every run after a user's first: for tests about something else.
+
+    Creating a sqlite store runs all of MLflow's schema migrations, ~4 s of CPU on a small machine, in the
+    driver of every job a test starts; a copy of one made once per session costs milliseconds.
+    """
+    shutil.copyfile(migrated_store, tracking_uri.removeprefix("sqlite:///"))
+    return tracking_uri
+
+
+def prepared_store(folder: Path, template: Path) -> str:
+    """A sqlite store in `folder`, copied from the session's migrated one (see existing_store)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 @pytest.fixture
@@ -61,6 +109,12 @@ def orch_env(tmp_path: Path, tracking_uri: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "200"  # long paths in messages stay on one line
     return env
+
+
+@pytest.fixture
+def cluster_env(orch_env: dict[str, str], ray_address: str, existing_store: str) -> dict[str, str]:
+    """The user's shell with the session's cluster named (RAY_ADDRESS) and a store from an earlier run."""
+    return {**orch_env, "RAY_ADDRESS": ray_address}
 
 
 def run_orch(args: list[str], env: dict[str, str], cwd: Path | str = REPO, timeout: float = 300,

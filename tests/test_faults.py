@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ASSETS, ORCH, run_orch
+from conftest import ASSETS, ORCH, prepared_store, run_orch
 
 pytestmark = pytest.mark.slow
 
@@ -94,10 +94,10 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_address, tmp_path_factory):
+def reference(ray_address, tmp_path_factory, migrated_store):
     """The same job, never interrupted; started in the background by the first test that needs it."""
     folder = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = prepared_store(folder, migrated_store)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address, PYTHONUNBUFFERED="1", COLUMNS="200")
     process = start(["submit", "job.yaml", f"checkpoint.storage_path={folder}/ckpt"], env, project(folder))
@@ -116,11 +116,6 @@ def reference(ray_address, tmp_path_factory):
     yield weights
     if process.poll() is None:
         process.kill()
-
-
-@pytest.fixture
-def cluster_env(orch_env, ray_address):
-    return {**orch_env, "RAY_ADDRESS": ray_address}
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint_exactly(cluster_env, tracking_uri, tmp_path, reference):
@@ -176,9 +171,9 @@ def test_stop_checkpoints_and_resume_carries_on_exactly(cluster_env, tracking_ur
     assert difference <= 1e-6
 
 
-def test_a_nonfinite_loss_stops_the_job_or_is_skipped(cluster_env, tmp_path):
+def test_a_nonfinite_loss_stops_the_job_or_is_skipped(cluster_env, tmp_path, migrated_store):
     stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
-    stop_uri, skip_uri = f"sqlite:///{stop_dir / 'mlflow.db'}", f"sqlite:///{skip_dir / 'mlflow.db'}"
+    stop_uri, skip_uri = prepared_store(stop_dir, migrated_store), prepared_store(skip_dir, migrated_store)
     nan = ["model.init_args.nan_at_step=5", "model.init_args.nan_rank=1"]  # rank 1 only: rank 0's loss is fine
     stop = start(["submit", "job.yaml", f"checkpoint.storage_path={stop_dir}/ckpt", "failure.max_failures=1", *nan],
                  {**cluster_env, "MLFLOW_TRACKING_URI": stop_uri}, project(stop_dir))

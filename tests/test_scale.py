@@ -130,11 +130,6 @@ def test_plan_and_submit_refuse_what_does_not_fit(orch_env, tmp_path):
     assert build_plan(load_spec(GPT, too_big + taken), "", check_fit=False).memory.fits is True
 
 
-@pytest.fixture
-def cluster_env(orch_env, ray_address):
-    return {**orch_env, "RAY_ADDRESS": ray_address}
-
-
 @pytest.mark.slow
 def test_gpt_trains_with_ddp_on_two_workers(cluster_env, tracking_uri, tmp_path):
     result = run_orch(["submit", str(GPT), "trainer.max_steps=8", "trainer.val_check_interval=4",

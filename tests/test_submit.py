@@ -15,11 +15,6 @@ from conftest import ORCH, REPO, copy_user_project, only_run, run_orch, wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def cluster_env(orch_env, ray_address):
-    return {**orch_env, "RAY_ADDRESS": ray_address}
-
-
 def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_uri, tmp_path):
     # The quickstart's path: no cluster named, so the command starts (and ends) Ray in its own process.
     result = run_orch(["submit", str(REPO / "jobs/digits.yaml"), f"checkpoint.storage_path={tmp_path}/ckpt"],
@@ -85,10 +80,17 @@ def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_ur
 
 def test_user_module_outside_jobs_with_overrides(cluster_env, tracking_uri, tmp_path):
     project = copy_user_project(tmp_path)
-    for lr in ("0.1", "0.05"):
-        result = run_orch(["submit", "job.yaml", "trainer.max_epochs=1", "scaling.num_workers=1",
-                           f"model.init_args.lr={lr}"], env=cluster_env, cwd=project, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
+    # Side by side, as a user sweeping a setting would: two drivers on one cluster, one worker each.
+    jobs = [subprocess.Popen([ORCH, "submit", "job.yaml", "trainer.max_epochs=1", "scaling.num_workers=1",
+                              f"model.init_args.lr={lr}"], env=cluster_env, cwd=project, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for lr in ("0.1", "0.05")]
+    for job in jobs:
+        try:
+            output, _ = job.communicate(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        assert job.returncode == 0, output
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)

@@ -12,12 +12,12 @@ from conftest import ASSETS, only_run, run_orch
 pytestmark = pytest.mark.slow
 
 
-def test_a_cpu_run_records_hardware_throughput_and_its_straggler(orch_env, ray_address, tracking_uri, tmp_path):
+def test_a_cpu_run_records_hardware_throughput_and_its_straggler(cluster_env, tracking_uri, tmp_path):
     project = tmp_path / "telemetry_project"
     shutil.copytree(ASSETS / "telemetry_project", project)
     # tiny_lm.TinyLM on 2 workers; rank 1 sleeps 50 ms in every forward pass; hardware sampled every 0.5 s.
     result = run_orch(["submit", "job.yaml", f"checkpoint.storage_path={tmp_path}/ckpt"],
-                      env={**orch_env, "RAY_ADDRESS": ray_address}, cwd=project, timeout=600)
+                      env=cluster_env, cwd=project, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     client, run = only_run(tracking_uri, "telemetry")
