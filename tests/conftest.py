@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module imports Ray: it fixes its auth mode for the process when first imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 REPO = Path(__file__).resolve().parents[1]
 ORCH = str(Path(sys.executable).parent / "orch")  # the installed console script, as a user runs it
 ASSETS = Path(__file__).parent / "assets"
@@ -45,7 +48,6 @@ def ray_address() -> str:
     fixture, so the constant is set for the start here and restored after, along with the environment: the
     multi-node tests start `ray start --address` nodes, which refuse to run with it.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray._private import ray_constants
 
