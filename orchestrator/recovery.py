@@ -175,5 +175,6 @@ def describe_controller_death(exc: BaseException, run_id: str) -> str | None:
     detail = re.search(r"Worker exit detail: (.*?)(?= Some common causes|\n|$)", text)
     cause = f": {detail.group(1).strip().rstrip('.')}" if detail else ""
     return (f"Ray Train's controller process{where} died{cause}. Ray restarts workers but not the controller, so "
-            f"the job ended; the checkpoints already written are kept and `orch resume {run_id}` carries on from the "
-            "last one. If it was killed for memory, the node's `dmesg` says so.")
+            f"the job ended; checkpoints already written are kept, and `orch resume {run_id}` carries on from the "
+            "last one (it refuses a run that committed none). If it was killed for memory, the node's `dmesg` "
+            "says so.")
