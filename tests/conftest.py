@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,11 @@ import pytest
 
 # Before any test module imports Ray: it fixes its auth mode for the process when first imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# A suite started in the background by a non-interactive shell (`nohup ... &`, some CI runners) inherits SIGINT
+# ignored, and so would every `orch` it starts, which would then never see the Ctrl-C tests' SIGINT. A user's
+# terminal delivers it: a handler here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 ORCH = str(Path(sys.executable).parent / "orch")  # the installed console script, as a user runs it
