@@ -98,8 +98,7 @@ def existing_store(tracking_uri: str, migrated_store: Path) -> str:
     Creating a sqlite store runs all of MLflow's schema migrations, ~4 s of CPU on a small machine, in the
     driver of every job a test starts; a copy of one made once per session costs milliseconds.
     """
-    shutil.copyfile(migrated_store, tracking_uri.removeprefix("sqlite:///"))
-    return tracking_uri
+    return prepared_store(Path(tracking_uri.removeprefix("sqlite:///")).parent, migrated_store)
 
 
 def prepared_store(folder: Path, template: Path) -> str:
