@@ -10,23 +10,7 @@ from __future__ import annotations
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
-
-class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
-    """A fixed worker count, without registering it with Ray's autoscaling coordinator.
-
-    The coordinator is an actor that forwards resource requests to the cluster autoscaler, so that a cluster
-    can add nodes for a job. A cluster started in the driver's own process has no autoscaler and never grows:
-    the actor would cost a process at start-up and a call from the controller every few seconds for nothing.
-    """
-
-    def after_controller_start(self, train_run_context) -> None:
-        self._requester_id = f"train-{train_run_context.run_id}"
-
-    def _maybe_send_resource_request(self) -> None:
-        pass
-
-    def _send_resource_request(self) -> None:
-        pass
+from orchestrator.lean_controller import FixedScalingWithoutAutoscaler, LeanTorchConfig
 
 
 class OrchTorchTrainer(TorchTrainer):
@@ -41,7 +25,12 @@ class OrchTorchTrainer(TorchTrainer):
       job's driver is `orch submit` itself (or its Ray Jobs entrypoint), which ends as soon as the controller's
       run returns or the controller dies, and Ray then removes the placement group with the job.
     On a cluster started in this process (nothing can add nodes to it): the autoscaling coordinator.
+    And what the controller unpickles (the PyTorch backend, the scaling policy) comes from lean_controller, which
+    does not import PyTorch: the controller never needs it.
     """
+
+    def __init__(self, *args, torch_config=None, **kwargs):
+        super().__init__(*args, torch_config=torch_config or LeanTorchConfig(), **kwargs)
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback

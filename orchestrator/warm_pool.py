@@ -11,7 +11,7 @@ WARM_POOL_LABEL (`orch cluster up --local` does it, see local_cluster.py):
    controller, workers and helpers, our progress board) used there, with the very runtime environment each
    had (read back from Ray's actor table);
 2. those processes start with no job, and orchestrator.preload imports in them what their tier of actor needs
-   (WARM_IMPORTS: Lightning and MLflow for Ray Train's workers, Ray Train's PyTorch backend for the rest);
+   (WARM_IMPORTS: Lightning and MLflow for Ray Train's workers, Ray Train alone for the rest);
 3. the next job with the same environment (same project, same settings) gets them for its actors.
 
 Fault tolerance is untouched: Ray Train still creates, watches and replaces its workers; a warm process is only
@@ -41,10 +41,10 @@ WARM_IMPORTS = {
     # MLflow's SQL store is most of the cost of rank 0's first MLflow client (~0.6 s of CPU on a small machine,
     # 45 MB): worth keeping warm only for jobs that write to a sqlite file rather than to a tracking server.
     SQLITE_WORKER_TIER: (*_WORKER_IMPORTS, "mlflow.store.tracking.sqlalchemy_store"),
-    # Ray Train's controller unpickles the trainer's PyTorch backend as it starts. Its synchronization actor and
-    # helpers are started with the controller's environment, so Ray may give any of them the controller's warm
-    # process: those pay ~2 s of CPU each for nothing, so that the controller starts at once.
-    JOB_TIER: ("ray.train.torch",),
+    # Ray Train's controller, its synchronization actor and helpers share one environment, so Ray may give any
+    # of them any of these processes: all of them import Ray Train (with Ray Data and pandas, ~1.8 s of CPU on a
+    # small machine), none PyTorch (lean_controller keeps it out of the controller).
+    JOB_TIER: ("ray.train",),
     BARE_TIER: (),  # the process started and Ray imported: all it needs
 }
 
