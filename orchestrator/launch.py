@@ -6,6 +6,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -149,8 +150,8 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
                          plan.tracking_uri, verbose, resume)
         marks["launch"] = time.time()
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-open-run")
-        opening = pool.submit(RunRecord.reopen, plan.tracking_uri, resume.run_id) if resume else \
-            pool.submit(_open_run, spec, plan, source, ray_run_name, run_id)
+        opening = pool.submit(_yielding(RunRecord.reopen), plan.tracking_uri, resume.run_id) if resume else \
+            pool.submit(_yielding(_open_run), spec, plan, source, ray_run_name, run_id)
         record = _wait(opening)
         pool.shutdown(wait=False)
         fit.board.update.remote({"run_id": record.run_id})
@@ -242,6 +243,25 @@ def new_ray_run_name(spec: JobSpec) -> str:
 def ray_run_name_placeholder(spec: JobSpec) -> str:
     """What `orch plan` shows for new_ray_run_name(), which is only drawn when the job starts."""
     return f"{spec.name}_<start time>_<random>"
+
+
+def _yielding(function):
+    """`function`, run in a thread whose CPU priority it lowers (nice 10) for what is left of the thread's life.
+
+    Opening the run is seconds of CPU (MLflow's imports, a new store's schema, params, artifacts) that no
+    training step waits for (worker.RunIdFromBoard), spent just as the controller and the workers start: on a
+    machine whose cores they keep busy, it now takes what they leave instead of delaying the first step. Linux keeps a nice value per thread; elsewhere
+    setpriority would change the whole process, so it is left out there.
+    """
+    def run(*args):
+        if sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except OSError:  # not allowed here (a seccomp profile): the run opens at the usual priority
+                pass
+        return function(*args)
+
+    return run
 
 
 def _open_run(spec: JobSpec, plan: Plan, source: str, ray_run_name: str, run_id: str | None):
