@@ -32,7 +32,7 @@ class AttemptRecorder(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         causes = {int(rank): cause(exc) for rank, exc in worker_exceptions.items()}
-        self.board.append.remote("failures", {"time": time.time(), "causes": causes})
+        self.board.append("failures", {"time": time.time(), "causes": causes})
         nonfinite = {rank: text for rank, text in causes.items()
                      if isinstance(_user_exception(worker_exceptions[rank]), NonFiniteLossError)}
         if nonfinite:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 
 CHECKPOINT_FILE = "checkpoint.ckpt"
+log = logging.getLogger(__name__)
 
 
 def _batch_size(batch: Any) -> int:
@@ -48,7 +50,10 @@ class ProgressReporter(pl.Callback):
         self._sent_first_step = False
 
     def _send(self, **update: Any) -> None:
-        self.board.update.remote(update)  # fire and forget: never wait on the driver
+        try:
+            self.board.update(update)  # a write to Ray's GCS, under a millisecond; never the driver
+        except Exception as exc:  # progress is for the display: a lost update must not stop training
+            log.debug("progress update lost: %s", exc)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:

@@ -43,7 +43,6 @@ class FaultGuard(pl.Callback):
         self._last_loss: float | None = None
         self._stop_seen = False
         self._stop_agreed = False
-        self._stop_ref = None
         self._stop_polled_at = 0.0
         self._skipped_in_a_row = 0
         self._skipped_total = 0
@@ -53,11 +52,8 @@ class FaultGuard(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or self.board is None:
             return
-        import ray
-
         try:
-            base, failures = ray.get([self.board.get.remote("attempt_base", 0),
-                                      self.board.get.remote("failures", [])], timeout=30)
+            base, failures = self.board.get("attempt_base", 0), self.board.items("failures")
         except Exception as exc:  # bookkeeping must never stop training
             log.warning("could not read the attempt count from the driver: %s", exc)
             return
@@ -67,8 +63,7 @@ class FaultGuard(pl.Callback):
         gate = getattr(trainer.logger, "gate", None)
         if gate is not None:
             gate.final = final
-        self.board.append.remote("attempts", {"attempt": self.attempt, "step": trainer.global_step,
-                                              "time": time.time()})
+        self.board.append("attempts", {"attempt": self.attempt, "step": trainer.global_step, "time": time.time()})
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         gate = getattr(trainer.logger, "gate", None)
@@ -160,23 +155,16 @@ class FaultGuard(pl.Callback):
         return f"non-finite gradients at step {step} (the loss was finite on every rank)"
 
     def _poll_stop(self, trainer: pl.Trainer) -> bool:
-        """Rank 0 asks the progress board at most every 0.5 s and never waits for the answer."""
+        """Rank 0 reads the progress board at most every 0.5 s: one read from Ray's GCS, under a millisecond."""
         if trainer.global_rank != 0 or self.board is None or self._stop_seen:
             return self._stop_seen
-        import ray
-
-        if self._stop_ref is not None:
-            ready, _ = ray.wait([self._stop_ref], timeout=0)
-            if ready:
-                try:
-                    self._stop_seen = bool(ray.get(self._stop_ref))
-                except Exception:  # the driver is going away; Ray will end this attempt
-                    pass
-                self._stop_ref = None
         now = time.monotonic()
-        if self._stop_ref is None and not self._stop_seen and now - self._stop_polled_at >= STOP_POLL_INTERVAL_S:
-            self._stop_ref = self.board.get.remote("stop_requested", False)
+        if now - self._stop_polled_at >= STOP_POLL_INTERVAL_S:
             self._stop_polled_at = now
+            try:
+                self._stop_seen = bool(self.board.get("stop_requested", False))
+            except Exception:  # the cluster is going away; Ray will end this attempt
+                pass
         return self._stop_seen
 
 

@@ -154,9 +154,10 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             pool.submit(_yielding(_open_run), spec, plan, source, ray_run_name, run_id)
         record = _wait(opening)
         pool.shutdown(wait=False)
-        fit.board.update.remote({"run_id": record.run_id})
+        fit.board.update({"run_id": record.run_id})
         run_open_s = time.time() - marks["launch"]  # while the workers started: not one of the phases
     except BaseException as exc:
+        _close_board(fit)
         disconnect()  # leave nothing running: a controller and workers already started end with this driver's job
         _wait_for_fit_thread()
         if opening is not None and resume is None:
@@ -186,6 +187,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         outcome.error = _describe_failure(exc, record.run_id)
         record.finish("FAILED", outcome.error)
     finally:
+        _close_board(fit)
         try:
             if not started_here():  # a cluster that lives on: warm processes for the next job, where it keeps them
                 refill_warm_pool()
@@ -193,6 +195,16 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             disconnect()
             _wait_for_fit_thread()
     return outcome
+
+
+def _close_board(fit: _StartedFit | None) -> None:
+    """A cluster that lives on keeps nothing of the job's progress board (keys in its GCS) once the job is over."""
+    if fit is None:
+        return
+    try:
+        fit.board.close()
+    except Exception:  # the cluster, and its store, went first
+        pass
 
 
 def _wait(future: concurrent.futures.Future):
@@ -334,17 +346,17 @@ def startup_phases(marks: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class _StartedFit:
-    board: Any  # the progress board (progress.py)
+    board: Any  # the progress board (progress.ProgressBoard)
     box: dict[str, Any]  # "result" or "error", set by the fit thread
     done: threading.Event
 
 
 def _start_fit(spec, configs, run_id, tracking_uri, verbose, resume) -> _StartedFit:
     """TorchTrainer.fit() in a thread; `run_id` None: the workers wait for it on the board."""
-    from orchestrator.progress import create_board
+    from orchestrator.progress import ProgressBoard
 
-    board = create_board()
-    board.update.remote({"attempt_base": resume.attempts if resume else 0})
+    board = ProgressBoard()
+    board.update({"attempt_base": resume.attempts if resume else 0})
     trainer = _trainer(spec, configs, run_id, tracking_uri, board, verbose)
     started = _StartedFit(board, {}, threading.Event())  # an Event: Python 3.11 marks a thread stopped when
     thread = threading.Thread(target=_fit_into, args=(trainer, started.box, started.done), name="orch-fit",
@@ -388,10 +400,8 @@ def _follow(spec, plan, fit: _StartedFit, record, console, started_at, resume, m
 
 
 def _poll(board, view, timings, started_at, marks) -> dict:
-    import ray
-
     try:
-        state = ray.get(board.snapshot.remote(), timeout=2)
+        state = board.snapshot()
     except Exception:  # a slow board must not stop the job; the next poll will catch up
         return {}
     if state.get("first_step_at") and "first_step_s" not in timings:

@@ -11,35 +11,100 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 
-def create_board():
-    """A zero-CPU actor holding the latest progress; workers update it without waiting."""
-    import ray
+BOARD_NAMESPACE = "orch"
 
-    from orchestrator.warm_pool import BARE_TIER, tier_runtime_env
 
-    # Its own warm tier: a process kept for it next time imports nothing (warm_pool.py).
-    @ray.remote(num_cpus=0, max_concurrency=4, runtime_env=tier_runtime_env(BARE_TIER))
-    class ProgressBoard:
-        def __init__(self) -> None:
-            self.state: dict[str, Any] = {}
+class ProgressBoard:
+    """A job's shared state in Ray's key-value store (the GCS): progress, attempts, the MLflow run's id, stop requests.
 
-        def update(self, update: dict[str, Any]) -> None:
-            validation = update.pop("validation", None)
-            if validation:
-                self.state.setdefault("validations", []).append(validation)
-            self.state.update(update)
+    Rank 0 writes progress, the ranks and Ray Train's controller add events (attempts, failures), the driver
+    reads it all and posts the run's id and stop requests. It was an actor; an actor is a Python process of its
+    own, ~2 s of CPU at start-up on a small machine, where the GCS already runs and every process of a job
+    already holds a client to it. Values are plain data, pickled; each event has a key of its own, so that
+    writers in different processes never overwrite one another's. Ray's key-value API is internal
+    (ray.experimental.internal_kv), but Ray's own libraries live on it. The board is picklable (a key prefix)
+    and travels in the trainer's config; `close()` deletes what it wrote.
+    """
 
-        def snapshot(self) -> dict[str, Any]:
-            return dict(self.state)
+    def __init__(self, timeout_s: float = 10.0):
+        import uuid
 
-        def get(self, key: str, default: Any = None) -> Any:
-            return self.state.get(key, default)
+        self.prefix = f"board/{uuid.uuid4().hex}/"
+        self.timeout_s = timeout_s  # per call: a slow GCS must not hang a worker or the driver for long
 
-        def append(self, key: str, item: Any) -> None:
-            """Event lists (attempts, failures), written by workers and Ray Train's controller."""
-            self.state.setdefault(key, []).append(item)
+    def update(self, update: dict[str, Any]) -> None:
+        """Set keys; a "validation" entry is added to the "validations" list instead."""
+        update = dict(update)
+        validation = update.pop("validation", None)
+        if validation:
+            self.append("validations", validation)
+        for key, value in update.items():
+            self._put(f"{self.prefix}v/{key}", value)
 
-    return ProgressBoard.remote()
+    def append(self, key: str, item: Any) -> None:
+        """Add an event to list `key` (attempts, failures, warm_ranks)."""
+        import os
+
+        global _appended
+        _appended += 1
+        # Time first, so that the keys sort as the events happened; pid and a counter keep them unique.
+        self._put(f"{self.prefix}l/{key}/{time.time_ns():020d}-{os.getpid()}-{_appended}", item)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        import pickle
+
+        value = self._client().internal_kv_get(f"{self.prefix}v/{key}".encode(), BOARD_NAMESPACE.encode(),
+                                               timeout=self.timeout_s)
+        return default if value is None else pickle.loads(value)
+
+    def items(self, key: str) -> list[Any]:
+        """The events of list `key`, oldest first."""
+        return self._read(f"{self.prefix}l/{key}/").get(key, [])
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every key, lists included."""
+        return self._read(self.prefix)
+
+    def close(self) -> None:
+        """Delete what the job wrote; its processes are done with it."""
+        self._client().internal_kv_del(self.prefix.encode(), True, BOARD_NAMESPACE.encode(), timeout=self.timeout_s)
+
+    def _read(self, prefix: str) -> dict[str, Any]:
+        import pickle
+
+        client = self._client()
+        keys = client.internal_kv_keys(prefix.encode(), BOARD_NAMESPACE.encode(), timeout=self.timeout_s)
+        values = client.internal_kv_multi_get(keys, BOARD_NAMESPACE.encode(), timeout=self.timeout_s) if keys else {}
+        state: dict[str, Any] = {}
+        events: dict[str, list[tuple[str, Any]]] = {}
+        for raw_key, raw_value in values.items():
+            kind, _, rest = raw_key.decode()[len(self.prefix):].partition("/")
+            if kind == "v":
+                state[rest] = pickle.loads(raw_value)
+            elif kind == "l":
+                name, _, order = rest.rpartition("/")
+                events.setdefault(name, []).append((order, pickle.loads(raw_value)))
+        for name, entries in events.items():
+            state[name] = [value for _, value in sorted(entries, key=lambda entry: entry[0])]
+        return state
+
+    def _put(self, key: str, value: Any) -> None:
+        import pickle
+
+        self._client().internal_kv_put(key.encode(), pickle.dumps(value), True, BOARD_NAMESPACE.encode(),
+                                       timeout=self.timeout_s)
+
+    @staticmethod
+    def _client():
+        from ray.experimental.internal_kv import internal_kv_get_gcs_client
+
+        client = internal_kv_get_gcs_client()
+        if client is None:
+            raise RuntimeError("the progress board needs Ray: this process is not connected to a Ray cluster")
+        return client
+
+
+_appended = 0  # events this process added: with its pid, part of each event's key
 
 
 class ProgressView:

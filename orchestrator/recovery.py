@@ -74,16 +74,14 @@ class Stopped(KeyboardInterrupt):
 def stop_gracefully(board, done: threading.Event, box: dict, timeout_s: float, set_status: Callable[[str], None],
                     poll: Callable[[], dict], first: KeyboardInterrupt) -> Stopped:
     """Ask the workers to checkpoint and end fit(); wait at most `timeout_s`. A second Ctrl-C propagates at once."""
-    import ray
-
     name = str(first) or "Ctrl-C"
     state = poll() or {}
     if timeout_s <= 0 or state.get("phase") != "training":
         return Stopped(name)  # nothing worth a checkpoint yet, or the user asked for no wait
     set_status(f"stopping: writing a checkpoint (up to {timeout_s:.0f} s; Ctrl-C again to stop at once)")
     try:
-        ray.get(board.update.remote({"stop_requested": True}), timeout=10)
-    except Exception:  # the board is gone with its node: nothing can be asked of the workers any more
+        board.update({"stop_requested": True})
+    except Exception:  # the cluster's GCS is gone: nothing can be asked of the workers any more
         return Stopped(name)
     started = time.time()
     while not done.wait(0.5) and time.time() - started < timeout_s:

@@ -8,7 +8,7 @@ hook that imports modules in every new worker process (RAY_preload_python_module
 WARM_POOL_LABEL (`orch cluster up --local` does it, see local_cluster.py):
 
 1. when a job ends, its driver asks each raylet for as many processes as the job's actors (Ray Train's
-   controller, workers and helpers, our progress board) used there, with the very runtime environment each
+   controller, workers and helpers) used there, with the very runtime environment each
    had (read back from Ray's actor table);
 2. those processes start with no job, and orchestrator.preload imports in them what their tier of actor needs
    (WARM_IMPORTS: Lightning and MLflow for Ray Train's workers, Ray Train alone for the rest);
@@ -34,7 +34,6 @@ TIER_ENV_VAR = "ORCH_WARM"  # in an actor's environment: which WARM_IMPORTS a pr
 WORKER_TIER = "worker"  # Ray Train's workers (launch.py sets it in RunConfig.worker_runtime_env)
 SQLITE_WORKER_TIER = "worker-sqlite"  # the same, for a job whose MLflow store is a sqlite file (worker_tier())
 JOB_TIER = "job"  # Ray Train's controller and helpers (cluster.worker_env sets it for the whole job)
-BARE_TIER = "bare"  # actors of ours that need nothing but Ray (the progress board)
 _WORKER_IMPORTS = ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning", "mlflow")
 WARM_IMPORTS = {
     WORKER_TIER: _WORKER_IMPORTS,
@@ -45,7 +44,6 @@ WARM_IMPORTS = {
     # of them any of these processes: all of them import Ray Train (with Ray Data and pandas, ~1.8 s of CPU on a
     # small machine), none PyTorch (lean_controller keeps it out of the controller).
     JOB_TIER: ("ray.train",),
-    BARE_TIER: (),  # the process started and Ray imported: all it needs
 }
 
 log = logging.getLogger(__name__)
@@ -100,10 +98,10 @@ def _refill() -> int:
               for row in global_state._connect_and_get_accessor().get_actor_table(job_id, None)]
     wanted = collections.Counter(
         (actor.address.node_id.hex(), actor.serialized_runtime_env) for actor in actors
-        # Every actor of the job had a process of its own (the progress board, Ray Train's controller, workers and
-        # helpers), detached ones included: a detached helper that each job starts anew (as Ray Train's placement
-        # group cleaner was, before lean_train left it out) would otherwise take a warm process from the next
-        # job's helpers, and one of them would start cold (~3 s of CPU at the first step on a small machine).
+        # Every actor of the job had a process of its own (Ray Train's controller, workers and helpers), detached
+        # ones included: a detached helper that each job starts anew (as Ray Train's placement group cleaner was,
+        # before lean_train left it out) would otherwise take a warm process from the next job's helpers, and one
+        # of them would start cold (~3 s of CPU at the first step on a small machine).
         if actor.pid and keep_alive.get(actor.address.node_id.hex()))
     asked = 0
     for (node_id, runtime_env), count in wanted.items():

@@ -20,9 +20,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if config.get("board") is not None:
         rank = ray.train.get_context().get_world_rank()
         if rank == 0:
-            config["board"].update.remote({"worker_entered_at": time.time()})  # start-up phases (launch.py)
+            config["board"].update({"worker_entered_at": time.time()})  # start-up phases (launch.py)
         if warm:
-            config["board"].append.remote("warm_ranks", rank)
+            config["board"].append("warm_ranks", rank)
     if warm:
         _match_cold_threads()
     import lightning.pytorch as pl
@@ -122,11 +122,9 @@ class RunIdFromBoard:
     def _wait_for_run_id(self) -> str:
         import time
 
-        import ray
-
         deadline = time.time() + self.timeout_s
         while time.time() < deadline:
-            run_id = ray.get(self.board.get.remote("run_id"))
+            run_id = self.board.get("run_id")
             if run_id:
                 return run_id
             time.sleep(0.1)

@@ -139,11 +139,11 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
 
 @pytest.mark.parametrize("env, imported", [
     # Prestarted for no job, by a job of ours: warmed for the actor that had such a process.
-    ({"ORCH_WARM": "worker", "RAY_JOB_ID": "ffffffff"}, "torch ray.train.torch lightning.pytorch mlflow warmed"),
+    ({"ORCH_WARM": "worker", "RAY_JOB_ID": "ffffffff"},
+     "torch ray.train ray.train.torch lightning.pytorch mlflow warmed"),
     ({"ORCH_WARM": "worker-sqlite", "RAY_JOB_ID": "ffffffff"},  # a job tracking to a sqlite file: its SQL store too
-     "torch ray.train.torch lightning.pytorch mlflow mlflow.store.tracking.sqlalchemy_store warmed"),
-    ({"ORCH_WARM": "job", "RAY_JOB_ID": "ffffffff"}, "torch ray.train.torch warmed"),  # Ray Train's controller
-    ({"ORCH_WARM": "bare", "RAY_JOB_ID": "ffffffff"}, "warmed"),  # the progress board: Ray alone
+     "torch ray.train ray.train.torch lightning.pytorch mlflow mlflow.store.tracking.sqlalchemy_store warmed"),
+    ({"ORCH_WARM": "job", "RAY_JOB_ID": "ffffffff"}, "ray.train warmed"),  # Ray Train's controller: no PyTorch
     ({"ORCH_WARM": "worker", "RAY_JOB_ID": "03000000"}, ""),  # started for a running job: it imports what it needs
     ({"RAY_JOB_ID": "ffffffff"}, ""),  # someone else's prestarted process (Ray's own, another project)
     ({"ORCH_WARM": "1", "RAY_JOB_ID": "ffffffff"}, ""),  # a tier this version does not know (an older orch's job)
@@ -151,7 +151,7 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
 def test_preload_warms_only_processes_prestarted_for_our_next_job(env, imported):
     base = {k: v for k, v in os.environ.items() if k not in ("ORCH_WARM", "RAY_JOB_ID")}
     probe = subprocess.run([sys.executable, "-c", "import sys, orchestrator.preload as p; print(*[m for m in ("
-                            "'torch', 'ray.train.torch', 'lightning.pytorch', 'mlflow', "
+                            "'torch', 'ray.train', 'ray.train.torch', 'lightning.pytorch', 'mlflow', "
                             "'mlflow.store.tracking.sqlalchemy_store') if m in sys.modules], *['warmed'] * p.warmed)"],
                            env=base | env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
