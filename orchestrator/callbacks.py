@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -14,7 +13,6 @@ import lightning.pytorch as pl
 import torch
 
 CHECKPOINT_FILE = "checkpoint.ckpt"
-log = logging.getLogger(__name__)
 
 
 def _batch_size(batch: Any) -> int:
@@ -50,10 +48,7 @@ class ProgressReporter(pl.Callback):
         self._sent_first_step = False
 
     def _send(self, **update: Any) -> None:
-        try:
-            self.board.update(update)  # a write to Ray's GCS, under a millisecond; never the driver
-        except Exception as exc:  # progress is for the display: a lost update must not stop training
-            log.debug("progress update lost: %s", exc)
+        self.board.post(update)  # written by a thread of its own: a step never waits for the GCS
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
@@ -82,6 +77,10 @@ class ProgressReporter(pl.Callback):
         if trainer.global_rank == 0 and not trainer.sanity_checking:
             self._send(validation={"epoch": trainer.current_epoch, "step": trainer.global_step,
                                    "metrics": scalar_metrics(trainer)})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            self.board.flush()  # the last epoch's validation is on the board before fit() returns
 
 
 def _total_steps(trainer: pl.Trainer) -> int | None:

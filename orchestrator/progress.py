@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+import threading
 import time
 from typing import Any
 
@@ -12,6 +15,7 @@ from rich.text import Text
 
 
 BOARD_NAMESPACE = "orch"
+log = logging.getLogger(__name__)
 
 
 class ProgressBoard:
@@ -49,6 +53,29 @@ class ProgressBoard:
         _appended += 1
         # Time first, so that the keys sort as the events happened; pid and a counter keep them unique.
         self._put(f"{self.prefix}l/{key}/{time.time_ns():020d}-{os.getpid()}-{_appended}", item)
+
+    def post(self, update: dict[str, Any]) -> None:
+        """update() from a thread of this process's own, in the order posted: for the training loop, which must
+        not wait a round trip to the GCS (a few ms each on a small machine) every time it reports progress."""
+        _background().submit(self._quietly, self.update, update)
+
+    def get_later(self, key: str, default: Any = None):
+        """get() from the same thread, after what this process posted before; a Future."""
+        return _background().submit(self.get, key, default)
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Until what this process posted is written (or `timeout_s` passed)."""
+        try:
+            _background().submit(lambda: None).result(timeout=timeout_s)
+        except Exception:  # a slow GCS: what is left is lost, as a lost update is (progress is for the display)
+            pass
+
+    @staticmethod
+    def _quietly(write, *args) -> None:
+        try:
+            write(*args)
+        except Exception as exc:  # progress is for the display: a lost update must not stop training
+            log.debug("progress update lost: %s", exc)
 
     def get(self, key: str, default: Any = None) -> Any:
         import pickle
@@ -105,6 +132,16 @@ class ProgressBoard:
 
 
 _appended = 0  # events this process added: with its pid, part of each event's key
+_writer = None  # this process's background thread for post() and get_later(), started on first use
+_writer_lock = threading.Lock()
+
+
+def _background():
+    global _writer
+    with _writer_lock:
+        if _writer is None:
+            _writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-board")
+        return _writer
 
 
 class ProgressView:

@@ -31,6 +31,14 @@ def test_events_from_concurrent_processes_are_all_kept_in_order(ray_address):
     assert board.items("attempts") == events
     assert board.items("failures") == [] and board.get("stop_requested", False) is False
 
+    # What the training loop posts is written by a background thread, in order, by the time flush() returns.
+    for step in range(5):
+        board.post({"step": step})
+    board.post({"validation": {"epoch": 1, "metrics": {}}})
+    board.flush()
+    assert board.get("step") == 4 and board.get_later("phase").result(timeout=10) == "training"
+    assert board.items("validations")[-1] == {"epoch": 1, "metrics": {}}
+
     other = ProgressBoard()  # another job's board on the same cluster sees none of it
     other.update({"phase": "starting"})
     assert other.snapshot() == {"phase": "starting"}
