@@ -28,7 +28,7 @@ def build_strategy(spec: JobSpec, model):
     kwargs = strategy_kwargs(spec.scaling.strategy, spec.scaling.options, wrap,
                              checkpoint if spec.scaling.strategy == "fsdp" else None)
     if spec.scaling.strategy == "ddp":
-        return ray_lightning.RayDDPStrategy(**kwargs)
+        return _ddp_class()(**kwargs)
     if spec.scaling.strategy == "fsdp":
         return _fsdp_class()(**kwargs)
     return ray_lightning.RayDeepSpeedStrategy(**kwargs)
@@ -82,6 +82,27 @@ def compile_blocks(model) -> list[str]:
             module.compile()
             names.append(name)
     return names
+
+
+def _ddp_class():
+    from ray.train.lightning import RayDDPStrategy
+
+    class DDPWithoutWrapperOnOneRank(RayDDPStrategy):
+        """Ray's DDP strategy, which on a world of one rank leaves the model unwrapped.
+
+        DistributedDataParallel has no other rank to reduce gradients with there, yet it still copies every
+        gradient into its buckets and through the process group each step: +2-6 ms a step (4-11 %) for the step
+        benchmark's MLP on this CPU, the same in plain Lightning with strategy="ddp" and devices=1. Everything
+        else stays as it was: the process group, the distributed sampler (so the data order does not change),
+        the checkpoints (Lightning saves the unwrapped module either way). Lightning's DDP strategy already runs
+        an unwrapped model outside of fit() and checks for the wrapper wherever it needs it.
+        """
+
+        def configure_ddp(self) -> None:
+            if self.world_size > 1:
+                super().configure_ddp()
+
+    return DDPWithoutWrapperOnOneRank
 
 
 def _fsdp_class():
