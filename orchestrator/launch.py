@@ -262,8 +262,8 @@ def _yielding(function):
 
     Opening the run is seconds of CPU (MLflow's imports, a new store's schema, params, artifacts) that no
     training step waits for (worker.RunIdFromBoard), spent just as the controller and the workers start: on a
-    machine whose cores they keep busy, it now takes what they leave instead of delaying the first step. Linux keeps a nice value per thread; elsewhere
-    setpriority would change the whole process, so it is left out there.
+    machine whose cores they keep busy, it now takes what they leave instead of delaying the first step. Linux
+    keeps a nice value per thread; elsewhere setpriority would change the whole process, so it is left out there.
     """
     def run(*args):
         if sys.platform.startswith("linux"):

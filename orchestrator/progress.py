@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -49,10 +50,8 @@ class ProgressBoard:
         """Add an event to list `key` (attempts, failures, warm_ranks)."""
         import os
 
-        global _appended
-        _appended += 1
         # Time first, so that the keys sort as the events happened; pid and a counter keep them unique.
-        self._put(f"{self.prefix}l/{key}/{time.time_ns():020d}-{os.getpid()}-{_appended}", item)
+        self._put(f"{self.prefix}l/{key}/{time.time_ns():020d}-{os.getpid()}-{next(_event_numbers)}", item)
 
     def post(self, update: dict[str, Any]) -> None:
         """update() from a thread of this process's own, in the order posted: for the training loop, which must
@@ -131,7 +130,7 @@ class ProgressBoard:
         return client
 
 
-_appended = 0  # events this process added: with its pid, part of each event's key
+_event_numbers = itertools.count()  # with the pid, part of each event's key (next() is atomic in CPython)
 _writer = None  # this process's background thread for post() and get_later(), started on first use
 _writer_lock = threading.Lock()
 
