@@ -91,6 +91,7 @@ def test_up_listens_only_on_loopback_keeps_workers_warm_and_down_stops_everythin
         first, second = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
         assert first.data.metrics["orch/warm_workers"] == 0, outputs[0]
         assert second.data.metrics["orch/warm_workers"] == 2, outputs[1]
+        assert first.data.metrics["debug/wrapped_in_ddp"] == second.data.metrics["debug/wrapped_in_ddp"] == 1
         assert "2 of 2 workers warm" in outputs[1] and "workers warm" not in outputs[0]
         # A warm process imported PyTorch before Ray told it its CPU share: it must still compute with the threads
         # a fresh process uses (one CPU per worker here), or two workers oversubscribe the cores.

@@ -30,6 +30,11 @@ class LinearClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.linear = nn.Linear(dim, 2)
 
+    def on_train_start(self):
+        # What the tests check: a one-worker job trains unwrapped, a wider one inside DistributedDataParallel.
+        wrapped = isinstance(self.trainer.strategy.model, nn.parallel.DistributedDataParallel)
+        self.log("debug/wrapped_in_ddp", float(wrapped), on_step=False, on_epoch=True)
+
     def training_step(self, batch, batch_idx):
         import time
 
