@@ -33,6 +33,10 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
     env = {
         "PYTHONPATH": os.pathsep.join(parts),
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # Ray starts worker processes at nice 15, below its own daemons; for training ranks that means every
+        # busy process at the default priority (the driver, the GCS, a user's editor) runs first, where
+        # torchrun's ranks compete as equals. Ray's Jobs API sets 0 for its drivers the same way.
+        "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
         # Ray Train's controller polls workers every 2 s and each worker's report queue holds one entry,
         # so a report waits up to 2 s for the previous one to be taken: checkpoints of short epochs stall.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),

@@ -105,6 +105,8 @@ def test_user_module_outside_jobs_with_overrides(cluster_env, tracking_uri, tmp_
         assert run.data.metrics["model/params_total"] == 18  # Linear(8, 2)
         # One rank has no one to reduce gradients with: the model trains without DDP's wrapper (distributed.py).
         assert run.data.metrics["debug/wrapped_in_ddp"] == 0
+        # Ranks run at the default priority, as torchrun's do, not at Ray's nice 15 for workers (cluster.py).
+        assert run.data.metrics["debug/niceness"] == 0
     # Runs compare side by side: the same param and metric names in both.
     assert set(runs[0].data.params) == set(runs[1].data.params)
     assert set(runs[0].data.metrics) == set(runs[1].data.metrics)

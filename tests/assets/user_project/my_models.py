@@ -34,6 +34,9 @@ class LinearClassifier(pl.LightningModule):
         # What the tests check: a one-worker job trains unwrapped, a wider one inside DistributedDataParallel.
         wrapped = isinstance(self.trainer.strategy.model, nn.parallel.DistributedDataParallel)
         self.log("debug/wrapped_in_ddp", float(wrapped), on_step=False, on_epoch=True)
+        import os
+
+        self.log("debug/niceness", float(os.nice(0)), on_step=False, on_epoch=True)  # Ray's default for workers: 15
 
     def training_step(self, batch, batch_idx):
         import time
