@@ -16,13 +16,27 @@ from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TRAINING_
 
 
 def _process_started_at() -> float:
-    """When this process began (Python's own start-up and imports count in what a user waits for)."""
+    """When this process began (Python's own start-up and imports count in what a user waits for).
+
+    The kernel records a process's creation (its fork), not its exec: a shell that runs `orch` as its last
+    command (`bash -c "pip install … && orch submit …"`, a `( … )` subshell, `exec orch`) becomes orch under the same
+    pid, and the phases would count the commands before it. Python's start-up up to this package's import is CPU
+    work, so a process that waited much longer than the CPU it used had been something else first: then the
+    start is put back from the package's import by that CPU time.
+    """
+    from orchestrator import FIRST_IMPORT
+
+    imported_at, cpu_used = FIRST_IMPORT
     try:
         import psutil
 
-        return psutil.Process().create_time()
-    except Exception:  # no psutil or no /proc: the next best is now
-        return time.time()
+        created = psutil.Process().create_time()
+    except Exception:  # no psutil or no /proc: the next best is the package's import
+        return imported_at - cpu_used
+    return imported_at - cpu_used if imported_at - created > cpu_used + EXEC_WAIT_ALLOWANCE_S else created
+
+
+EXEC_WAIT_ALLOWANCE_S = 2.0  # Python's start-up may wait this long for a core (a loaded machine) beyond its CPU
 
 
 STARTED_AT = _process_started_at()

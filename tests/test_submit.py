@@ -180,3 +180,15 @@ def test_sigterm_marks_the_run_killed(cluster_env, tracking_uri, tmp_path):
     # Graceful: the workers checkpointed the step they were at, and the user is told how to go on.
     assert "checkpoint at step" in output and f"orch resume {run.info.run_id}" in output
     assert Path(run.data.tags["orch.last_checkpoint"]).is_dir()
+
+
+@pytest.mark.parametrize("before", ["", "sleep 4; "])
+def test_start_up_counts_from_orch_not_from_the_shell_it_replaced(before):
+    """A shell that execs orch as its last command hands it its pid and its creation time (cli.py)."""
+    import sys
+
+    probe = f"{sys.executable} -c 'import time, orchestrator.cli as c; print(time.time() - c.STARTED_AT)'"
+    result = subprocess.run(["bash", "-c", f"{before}exec {probe}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    since_start = float(result.stdout)
+    assert 0 < since_start < 3.5, since_start  # not the 4 s the shell slept before it became orch

@@ -1,5 +1,7 @@
 """A user's own module, outside jobs/: a linear classifier on random blobs, named by class_path."""
 
+import os
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -34,8 +36,6 @@ class LinearClassifier(pl.LightningModule):
         # What the tests check: a one-worker job trains unwrapped, a wider one inside DistributedDataParallel.
         wrapped = isinstance(self.trainer.strategy.model, nn.parallel.DistributedDataParallel)
         self.log("debug/wrapped_in_ddp", float(wrapped), on_step=False, on_epoch=True)
-        import os
-
         self.log("debug/niceness", float(os.nice(0)), on_step=False, on_epoch=True)  # Ray's default for workers: 15
 
     def training_step(self, batch, batch_idx):
