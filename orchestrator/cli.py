@@ -15,6 +15,9 @@ from rich.console import Console
 from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, SpecError
 
 
+EXEC_WAIT_ALLOWANCE_S = 2.0  # Python's start-up may wait this long for a core (a loaded machine) beyond its CPU
+
+
 def _process_started_at() -> float:
     """When this process began (Python's own start-up and imports count in what a user waits for).
 
@@ -27,16 +30,14 @@ def _process_started_at() -> float:
     from orchestrator import FIRST_IMPORT
 
     imported_at, cpu_used = FIRST_IMPORT
+    exec_estimate = imported_at - cpu_used
     try:
         import psutil
 
         created = psutil.Process().create_time()
     except Exception:  # no psutil or no /proc: the next best is the package's import
-        return imported_at - cpu_used
-    return imported_at - cpu_used if imported_at - created > cpu_used + EXEC_WAIT_ALLOWANCE_S else created
-
-
-EXEC_WAIT_ALLOWANCE_S = 2.0  # Python's start-up may wait this long for a core (a loaded machine) beyond its CPU
+        return exec_estimate
+    return exec_estimate if imported_at - created > cpu_used + EXEC_WAIT_ALLOWANCE_S else created
 
 
 STARTED_AT = _process_started_at()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,8 +186,6 @@ def test_sigterm_marks_the_run_killed(cluster_env, tracking_uri, tmp_path):
 @pytest.mark.parametrize("before", ["", "sleep 4; "])
 def test_start_up_counts_from_orch_not_from_the_shell_it_replaced(before):
     """A shell that execs orch as its last command hands it its pid and its creation time (cli.py)."""
-    import sys
-
     probe = f"{sys.executable} -c 'import time, orchestrator.cli as c; print(time.time() - c.STARTED_AT)'"
     result = subprocess.run(["bash", "-c", f"{before}exec {probe}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
