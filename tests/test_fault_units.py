@@ -113,6 +113,34 @@ def test_sender_never_sends_a_step_twice_across_attempts(tracking_uri):
     assert _history(client, run_id, "loss") == [(s, float(s)) for s in range(6)] + [(s, 100.0 + s) for s in (6, 7, 8)]
 
 
+def test_training_side_of_the_sender_never_imports_mlflow(tracking_uri):
+    """Rank 0's training thread creates the logger's sender and adds metrics and tags; MLflow (~2 s of CPU to
+    import and open a store) is the sender thread's to import, or it would delay rank 0's first step while the
+    other ranks wait. A fresh interpreter, since this test session imported MLflow long ago."""
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("lazy")).info.run_id
+    script = f"""
+import sys, time
+from orchestrator.tracking.gate import MetricGate
+from orchestrator.tracking.logger import MetricSender
+sender = MetricSender({tracking_uri!r}, {run_id!r}, interval_s=3600)
+gate = MetricGate(sender)
+gate.commit(5)
+gate.add({{"loss": 0.5}}, step=1)
+sender.add({{"lr": 0.1}}, step=1)
+sender._wake.clear()  # only flush() may wake the thread now
+assert "mlflow" not in sys.modules, sorted(m for m in sys.modules if m.startswith("mlflow"))[:5]
+assert sender.flush(60), "the sender's thread did not deliver"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _history(client, run_id, "loss") == [(1, 0.5)] and _history(client, run_id, "lr") == [(1, 0.1)]
+
+
 def test_gate_holds_metrics_until_their_checkpoint_commits(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 

@@ -29,12 +29,22 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FILE = "orch_metrics.json"
 EVERYTHING = math.inf  # the final checkpoint covers every step
+
+
+class PendingMetric(NamedTuple):
+    """A metric value on its way to MLflow: mlflow.entities.Metric's fields without importing MLflow, which only
+    the sender's thread does (logger.py): on the training thread the import held up rank 0's first step."""
+
+    key: str
+    value: float
+    timestamp: int  # ms since the epoch
+    step: int
 
 
 class MetricGate:
@@ -52,10 +62,8 @@ class MetricGate:
         self._warned_full = False
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         now = timestamp_ms or int(time.time() * 1000)
-        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        items = [PendingMetric(key, float(value), now, step) for key, value in metrics.items()]
         with self._lock:
             if step <= self._watermark:
                 self.sender.extend(items)
@@ -138,10 +146,8 @@ def write_sidecar(folder: Path, metrics: list) -> None:
 
 
 def read_sidecar(folder: str | Path) -> list:
-    from mlflow.entities import Metric
-
     path = Path(folder, SIDECAR_FILE)
     if not path.exists():
         return []
-    return [Metric(key, float(value), int(timestamp), int(step)) for key, value, timestamp, step in
+    return [PendingMetric(key, float(value), int(timestamp), int(step)) for key, value, timestamp, step in
             json.loads(path.read_text())]
