@@ -16,6 +16,7 @@ from rich.text import Text
 
 
 BOARD_NAMESPACE = "orch"
+BOARD_ROOT = "board/"  # every board's keys: board/<Ray job id of its driver>/<board id>/...
 log = logging.getLogger(__name__)
 
 
@@ -28,14 +29,21 @@ class ProgressBoard:
     already holds a client to it. Values are plain data, pickled; each event has a key of its own, so that
     writers in different processes never overwrite one another's. Ray's key-value API is internal
     (ray.experimental.internal_kv), but Ray's own libraries live on it. The board is picklable (a key prefix)
-    and travels in the trainer's config; `close()` deletes what it wrote.
+    and travels in the trainer's config; `close()` deletes what it wrote. A driver that never got to close()
+    (SIGKILL, a lost machine) leaves its board in a cluster that lives on: its keys carry the driver's Ray job
+    id, and each new board sweeps away, in the background, those of jobs Ray lists as finished.
     """
 
-    def __init__(self, timeout_s: float = 10.0):
+    def __init__(self, timeout_s: float = 10.0, sweep: bool = True):
         import uuid
 
-        self.prefix = f"board/{uuid.uuid4().hex}/"
+        import ray
+
+        self.prefix = f"{BOARD_ROOT}{ray.get_runtime_context().get_job_id()}/{uuid.uuid4().hex}/"
         self.timeout_s = timeout_s  # per call: a slow GCS must not hang a worker or the driver for long
+        if sweep:  # a daemon thread: the writer's pool thread is not one, and `orch submit` joins those at exit
+            threading.Thread(target=self._quietly, args=(sweep_boards_of_finished_jobs, timeout_s),
+                             name="orch-board-sweep", daemon=True).start()
 
     def update(self, update: dict[str, Any]) -> None:
         """Set keys; a "validation" entry is added to the "validations" list instead."""
@@ -128,6 +136,22 @@ class ProgressBoard:
         if client is None:
             raise RuntimeError("the progress board needs Ray: this process is not connected to a Ray cluster")
         return client
+
+
+def sweep_boards_of_finished_jobs(timeout_s: float = 10.0) -> int:
+    """Delete the boards of jobs whose driver is gone (a finished job's board is deleted by its driver, unless
+    the driver was killed first); returns how many keys went. Runs in a driver, connected to Ray."""
+    client = ProgressBoard._client()
+    namespace = BOARD_NAMESPACE.encode()
+    keys = client.internal_kv_keys(BOARD_ROOT.encode(), namespace, timeout=timeout_s)
+    jobs = {key.decode().split("/")[1] for key in keys if key.count(b"/") >= 3}
+    if not jobs:
+        return 0
+    infos = client.get_all_job_info(skip_submission_job_info_field=True, skip_is_running_tasks_field=True,
+                                    timeout=timeout_s)
+    finished = {job_id.hex() for job_id, info in infos.items() if info.is_dead}
+    return sum(client.internal_kv_del(f"{BOARD_ROOT}{job}/".encode(), True, namespace, timeout=timeout_s)
+               for job in sorted(jobs & finished))
 
 
 _event_numbers = itertools.count()  # with the pid, part of each event's key (next() is atomic in CPython)

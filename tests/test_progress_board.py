@@ -47,3 +47,49 @@ def test_events_from_concurrent_processes_are_all_kept_in_order(ray_address):
     assert board.snapshot() == {} and board.get("phase") is None
     assert other.snapshot() == {"phase": "starting"}
     other.close()
+
+
+def test_a_killed_drivers_board_is_swept_by_the_next_board(ray_address, tmp_path):
+    """A driver SIGKILLed mid-job never closes its board; the next board on the cluster deletes it once Ray lists
+    that driver's job as finished, and leaves a live job's board alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from orchestrator.progress import ProgressBoard, sweep_boards_of_finished_jobs
+
+    live = ProgressBoard(sweep=False)
+    live.update({"phase": "training"})
+    script = ("import os, signal\n"
+              "from orchestrator.cluster import connect\n"
+              f"connect({ray_address!r}, verbose=False)  # joins as `orch submit --cluster` does\n"
+              "from orchestrator.progress import ProgressBoard\n"
+              "import threading\n"
+              "board = ProgressBoard()  # sweeps by itself, from a daemon thread (below)\n"
+              "board.update({'phase': 'training'}); board.append('attempts', {'attempt': 1})\n"
+              "print('non-daemon threads:', [t.name for t in threading.enumerate()\n"
+              "                              if not t.daemon and t is not threading.main_thread()], flush=True)\n"
+              "print(board.prefix, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    log = tmp_path / "driver.log"  # a file, not a pipe: what Ray started for the driver may hold a pipe open
+    with open(log, "w") as out:
+        killed = subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("board/")]
+    assert lines and killed.returncode == -9, log.read_text()[-2000:]
+    prefix = lines[-1]
+    # `orch submit` joins non-daemon threads at exit (cli._exit_now): a sweep on the board's writer pool, whose
+    # thread is not a daemon, held every submit's exit for 30 s.
+    assert "non-daemon threads: []" in log.read_text()
+    orphan = ProgressBoard(sweep=False)
+    orphan.prefix = prefix  # the killed driver's board, as a reader sees it
+    assert orphan.snapshot() == {"phase": "training", "attempts": [{"attempt": 1}]}
+
+    deadline = time.time() + 60  # the GCS marks the job finished once the raylet sees its driver gone
+    swept = 0
+    while not swept and time.time() < deadline:
+        swept = sweep_boards_of_finished_jobs()
+        time.sleep(0.5)
+    assert swept == 2 and orphan.snapshot() == {}
+    assert live.snapshot() == {"phase": "training"}  # this test's own job is alive
+    live.close()
