@@ -93,7 +93,7 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_names_its_run(cl
     assert Path(run.data.tags["orch.best_checkpoint"]).is_relative_to(state["storage_path"])
     # Hardware series from both nodes, side by side: both share this host's name, so the node id tells them apart.
     sampled = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
-    assert len(sampled) == 2, (sampled, {k: v for k, v in run.data.tags.items() if "system_metrics" in k})
+    assert len(sampled) == 2, (sampled, {k: v for k, v in run.data.tags.items() if "system_metrics" in k}, output[-6000:])
     for node in sampled:
         cpu = [m.value for m in client.get_metric_history(run.info.run_id, f"system/{node}/cpu_utilization_percentage")]
         assert cpu and all(0 <= value <= 100 for value in cpu), (node, cpu)

@@ -134,11 +134,32 @@ gate.add({{"loss": 0.5}}, step=1)
 sender.add({{"lr": 0.1}}, step=1)
 sender._wake.clear()  # only flush() may wake the thread now
 assert "mlflow" not in sys.modules, sorted(m for m in sys.modules if m.startswith("mlflow"))[:5]
-assert sender.flush(60), "the sender's thread did not deliver"
+# Then every thread that may be first to need MLflow at once, as in a worker: the senders' threads (the logger's,
+# a node sampler's) and the sampler's own, which asks for the client; first imports racing break MLflow.
+import threading
+samplers = [MetricSender({tracking_uri!r}, {run_id!r}, interval_s=3600) for _ in range(2)]
+for index, other in enumerate(samplers):
+    other.add({{f"system/{{index}}": 1.0}}, step=0)
+errors = []
+def first_use(action):
+    try:
+        action()
+    except BaseException as exc:
+        errors.append(repr(exc))
+actions = [lambda: samplers[0].client, sender._send_all, lambda: samplers[1].client, samplers[0]._send_all]
+threads = [threading.Thread(target=first_use, args=(action,)) for action in actions]
+for thread in threads:  # a few ms apart, as in a worker: started together, the first import wins the race
+    thread.start()
+    time.sleep(0.005)
+for thread in threads:
+    thread.join()
+assert not errors, errors
+assert all(other.flush(60) for other in [sender, *samplers]), "a sender's thread did not deliver"
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _history(client, run_id, "loss") == [(1, 0.5)] and _history(client, run_id, "lr") == [(1, 0.1)]
+    assert _history(client, run_id, "system/0") == [(0, 1.0)] and _history(client, run_id, "system/1") == [(0, 1.0)]
 
 
 def test_gate_holds_metrics_until_their_checkpoint_commits(tracking_uri, tmp_path):

@@ -90,6 +90,6 @@ def test_a_killed_drivers_board_is_swept_by_the_next_board(ray_address, tmp_path
     while not swept and time.time() < deadline:
         swept = sweep_boards_of_finished_jobs()
         time.sleep(0.5)
-    assert swept == 2 and orphan.snapshot() == {}
+    assert swept >= 2 and orphan.snapshot() == {}  # more where another test's killed driver left a board
     assert live.snapshot() == {"phase": "training"}  # this test's own job is alive
     live.close()

@@ -156,6 +156,33 @@ def test_a_broken_host_reading_never_raises_and_is_reported_once(tracking_uri, r
     assert "system/node-a/system_memory_usage_megabytes" not in metrics
 
 
+def test_sampling_starts_before_mlflow_answers_and_keeps_the_runs_steps(tracking_uri, run):
+    """A worker's first MLflow call imports MLflow (seconds on a busy small machine): samples taken meanwhile are
+    kept and sent once the run's start time is known, numbered from it, so a short job is still sampled."""
+    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.system import SystemSampler
+
+    client, run_id = run
+    started = client.get_run(run_id).info.start_time / 1000
+
+    answered = []
+
+    def slow_run_id():  # the id arrives 0.8 s late, as from the progress board while MLflow imports
+        time.sleep(0.8)
+        answered.append(time.time())
+        return run_id
+
+    s = SystemSampler(MetricSender(tracking_uri, slow_run_id, interval_s=0.2), "slow", 0.1, nvml_loader=_no_nvml)
+    sampler_started = time.time()
+    s.start()
+    time.sleep(1.4)
+    s.stop()
+    steps = [m.step for m in client.get_metric_history(run_id, "system/slow/cpu_utilization_percentage")]
+    assert steps == sorted(set(steps)), steps
+    # Numbered from the run's start (before this sampler existed), and sampled before MLflow answered.
+    assert int((sampler_started - started) / 0.1) <= steps[0] < int((answered[0] - started) / 0.1), (steps, answered)
+
+
 def test_two_nodes_sampling_into_one_run_do_not_collide(tracking_uri, run):
     client, run_id = run
     a = sampler(tracking_uri, run_id, "node-a", FakeNvml([FakeGpu("GPU-a", utilization=[10])]), gpus=["GPU-a"])

@@ -25,6 +25,23 @@ from orchestrator.tracking.gate import MetricGate, PendingMetric
 
 log = logging.getLogger(__name__)
 
+_MLFLOW_IMPORT_LOCK = threading.Lock()
+
+
+def import_mlflow():
+    """MLflow, imported by one thread at a time; every worker-side import of it goes through here.
+
+    The metric sender's thread, the system sampler's and, at the end, the training thread may each be the first to
+    need it, and two threads importing MLflow for the first time at once break it: its circular imports meet
+    CPython's per-module locks (a _DeadlockError, "partially initialized module", or a protobuf descriptor pool
+    left broken for the rest of the process; 6 of 6 tries with 4 threads).
+    """
+    with _MLFLOW_IMPORT_LOCK:
+        import mlflow
+        import mlflow.entities  # noqa: F401 - with the package, before the lock is let go
+    return mlflow
+
+
 RunId = str | Callable[[], str]  # the id, or a call that waits for it (worker.py: the driver posts it once open)
 
 
@@ -72,9 +89,7 @@ class MetricSender:
         """MLflow's client, made on first use: by this sender's thread or the system sampler's, never a step."""
         with self._client_lock:
             if self._client is None:
-                from mlflow import MlflowClient
-
-                self._client = MlflowClient(self.tracking_uri)
+                self._client = import_mlflow().MlflowClient(self.tracking_uri)
             return self._client
 
     @property
@@ -141,7 +156,8 @@ class MetricSender:
         self._drained.set()
 
     def _send_all(self) -> bool:
-        from mlflow.entities import Metric, RunTag
+        entities = import_mlflow().entities
+        Metric, RunTag = entities.Metric, entities.RunTag  # noqa: N806 - MLflow's class names
 
         while True:
             with self._lock:

@@ -59,7 +59,10 @@ class SystemSampler:
         self._seen_problems: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._run_start = time.time()
+        self._run_start = time.time()  # until the run's own start time is known (_look_up_run_start)
+        self._run_start_known = threading.Event()
+        self._early: list[tuple[float, dict[str, float]]] = []  # samples taken before it was known
+        self._early_lock = threading.Lock()
         self._last_tick = 0.0
         self._last_step = 0
         self._processes: list = []
@@ -80,6 +83,8 @@ class SystemSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self.interval_s))
+        self._run_start_known.wait(timeout=min(timeout_s, 30.0))
+        self._send_early()
         summary = self.summary()
         try:
             if summary:
@@ -107,17 +112,39 @@ class SystemSampler:
     def _tick(self) -> None:
         try:
             metrics = self.sample()
-            self._last_step = int((time.time() - self._run_start) / self.interval_s)
-            self.sender.add({self.prefix + k: v for k, v in metrics.items()}, self._last_step)
+            sampled_at = time.time()
+            if not self._run_start_known.is_set():
+                with self._early_lock:
+                    self._early.append((sampled_at, metrics))
+                return
+            self._send_early()
+            self._add(sampled_at, metrics)
         except Exception as exc:  # whatever it is, the thread goes on to the next sample
             self._problem("sample", exc)
 
-    def _begin(self) -> None:
+    def _add(self, sampled_at: float, metrics: dict[str, float]) -> None:
+        self._last_step = int((sampled_at - self._run_start) / self.interval_s)
+        self.sender.add({self.prefix + k: v for k, v in metrics.items()}, self._last_step)
+
+    def _send_early(self) -> None:
+        with self._early_lock:
+            early, self._early = self._early, []
+        for sampled_at, metrics in early:
+            self._add(sampled_at, metrics)
+
+    def _look_up_run_start(self) -> None:
+        """Steps count samples from the run's start, so nodes line up and a restarted worker goes on. Asked of
+        MLflow from a thread of its own: the first MLflow call of a worker imports MLflow (seconds on a busy
+        small machine), and sampling must not wait for it, or a short job is never sampled at all."""
         try:
-            # Steps count samples from the run's start, so nodes line up and a restarted worker goes on.
             self._run_start = self.sender.client.get_run(self.sender.run_id).info.start_time / 1000
-        except Exception as exc:
+        except Exception as exc:  # the sampler's own start time stands in
             self._problem("run start time", exc)
+        finally:
+            self._run_start_known.set()
+
+    def _begin(self) -> None:
+        threading.Thread(target=self._look_up_run_start, name=f"orch-system-start-{self.node}", daemon=True).start()
         import psutil
 
         for pid in self.pids:

@@ -223,13 +223,11 @@ class ThroughputMonitor(pl.Callback):
         if self.flops_source:
             tags["orch.flops_per_sample_source"] = self.flops_source
         try:
-            from mlflow import MlflowClient
-            from mlflow.entities import RunTag
+            from orchestrator.tracking.logger import import_mlflow, resolve_run_id
 
-            from orchestrator.tracking.logger import resolve_run_id
-
-            MlflowClient(self.tracking_uri).log_batch(resolve_run_id(self.run_id),
-                                                      tags=[RunTag(k, v) for k, v in tags.items()])
+            mlflow = import_mlflow()  # the sender's and the sampler's threads may be importing it right now
+            mlflow.MlflowClient(self.tracking_uri).log_batch(
+                resolve_run_id(self.run_id), tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         except Exception as exc:  # the metrics still went through the logger
             log.warning("could not tag the run with its throughput summary: %s", exc)
 
