@@ -83,13 +83,14 @@ class SystemSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self.interval_s))
-        self._run_start_known.wait(timeout=min(timeout_s, 30.0))
+        deadline = time.monotonic() + timeout_s  # the run's start and the last sends share the time given
+        self._run_start_known.wait(timeout=timeout_s)
         self._send_early()
         summary = self.summary()
         try:
             if summary:
                 self.sender.add(summary, self._last_step)
-            self.sender.close(timeout_s=timeout_s)
+            self.sender.close(timeout_s=max(1.0, deadline - time.monotonic()))
         except Exception as exc:
             self._problem("send", exc)
         if self._nvml is not None:
