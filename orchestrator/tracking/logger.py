@@ -5,9 +5,10 @@ run's lifecycle here, and a slow or absent tracking server must never stall a tr
 Metrics pass through a MetricGate (gate.py) that holds each one back until a committed checkpoint
 covers its step, so that steps re-run after a restart are never logged twice.
 
-MLflow itself is imported only by the sender's thread: importing it and opening a store costs rank 0 ~2 s of
-CPU (mlflow ~1.1 s, the SQL store's schema check ~0.9 s on a small machine), and on the training thread that
-stood between the end of set-up and the first step while every other rank waited at the first collective.
+MLflow itself is imported off the training thread (by the sender's thread, or a node sampler's), through
+import_mlflow(): importing it and opening a store costs rank 0 ~2 s of CPU (mlflow ~1.1 s, the SQL store's schema
+check ~0.9 s on a small machine), and on the training thread that stood between the end of set-up and the first
+step while every other rank waited at the first collective.
 """
 
 from __future__ import annotations
