@@ -38,8 +38,8 @@ EVERYTHING = math.inf  # the final checkpoint covers every step
 
 
 class PendingMetric(NamedTuple):
-    """A metric value on its way to MLflow: mlflow.entities.Metric's fields without importing MLflow, which only
-    the sender's thread does (logger.py): on the training thread the import held up rank 0's first step."""
+    """A metric value on its way to MLflow: mlflow.entities.Metric's fields without importing MLflow, which is left
+    to threads other than the training thread (logger.import_mlflow): there the import held up rank 0's first step."""
 
     key: str
     value: float
