@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.errors import is_import_deadlock
 
@@ -108,12 +109,18 @@ class LocalRayStart:
     ties to the *thread* that spawned them, so they would be killed the moment a finished starter thread exits.
     """
 
-    def __init__(self, verbose: bool):
+    def __init__(self, verbose: bool, prestart: Callable[[], object] | None = None):
+        """`prestart`: called in the thread once Ray is up (warm_pool.prestart_for_this_job), best effort."""
         quiet_ray_environment(verbose)
+        if prestart is not None:
+            from orchestrator.warm_pool import warm_pool_env
+
+            os.environ.update(warm_pool_env())  # read by the raylet ray.init starts
         import ray  # noqa: F401
 
         global _starter_released
         self._verbose = verbose
+        self._prestart = prestart
         self._error: BaseException | None = None
         self._ready = threading.Event()
         _starter_released = self._released = threading.Event()
@@ -131,6 +138,8 @@ class LocalRayStart:
         finally:
             logging.getLogger("ray._private.worker").removeFilter(quiet)
             self._ready.set()
+        if self._prestart is not None:
+            self._prestart()  # must not raise: this thread has to live on (above)
         self._released.wait()  # until disconnect(): Ray's daemons live as long as this thread
 
     def settle(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import signal
@@ -86,6 +87,7 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     from orchestrator.plan import check_local_fit
     from orchestrator.tracking.run import check_tracking
     from orchestrator.tracking.uri import resolve_tracking_uri
+    from orchestrator.warm_pool import prestart_for_this_job
 
     if requested_address(spec.cluster.address) is not None:
         return None
@@ -95,7 +97,9 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     check_tracking(resolve_tracking_uri(spec.tracking.uri))
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray", highlight=False)
     interrupt_on_sigterm()  # ray.init off the main thread installs no SIGTERM handler of its own
-    return LocalRayStart(verbose)
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri)
+    return LocalRayStart(verbose, prestart=None if os.environ.get("ORCH_COLD_PRESTART") == "0" else
+                         functools.partial(prestart_for_this_job, spec.scaling.num_workers, tracking_uri))
 
 
 def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,
@@ -428,6 +432,7 @@ def _trainer(spec, configs, run_id, tracking_uri, board, verbose):
 
     from orchestrator.attempts import AttemptRecorder
     from orchestrator.lean_train import OrchTorchTrainer
+    from orchestrator.cluster import started_here
     from orchestrator.warm_pool import tier_runtime_env, worker_tier
     from orchestrator.worker import train_loop
 
@@ -447,7 +452,7 @@ def _trainer(spec, configs, run_id, tracking_uri, board, verbose):
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
             # Processes kept warm for the workers import Lightning and MLflow; the job's other actors' do not.
-            worker_runtime_env=tier_runtime_env(worker_tier(tracking_uri)),
+            worker_runtime_env=tier_runtime_env(worker_tier(tracking_uri, cold=started_here())),
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )

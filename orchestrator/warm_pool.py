@@ -14,6 +14,10 @@ WARM_POOL_LABEL (`orch cluster up --local` does it, see local_cluster.py):
    (WARM_IMPORTS: Lightning and MLflow for Ray Train's workers, Ray Train alone for the rest);
 3. the next job with the same environment (same project, same settings) gets them for its actors.
 
+The local default's own cluster (cold: started by `orch submit`, gone with it) has no earlier job to learn from,
+so prestart_for_this_job() predicts the environments instead and asks for this job's processes as soon as its
+Ray is up, to import beside the driver's planning (COLD_WORKER_TIER).
+
 Fault tolerance is untouched: Ray Train still creates, watches and replaces its workers; a warm process is only
 a faster place for an actor to start. Nothing here may fail a job: every step is best effort and uses Ray's
 private interfaces (the actor table, the raylet's PrestartWorkers call), so any error only means a cold start.
@@ -34,9 +38,14 @@ TIER_ENV_VAR = "ORCH_WARM"  # in an actor's environment: which WARM_IMPORTS a pr
 WORKER_TIER = "worker"  # Ray Train's workers (launch.py sets it in RunConfig.worker_runtime_env)
 SQLITE_WORKER_TIER = "worker-sqlite"  # the same, for a job whose MLflow store is a sqlite file (worker_tier())
 JOB_TIER = "job"  # Ray Train's controller and helpers (cluster.worker_env sets it for the whole job)
-_WORKER_IMPORTS = ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning", "mlflow")
+COLD_WORKER_TIER = "worker-cold"  # Ray Train's workers on the local default's own cluster (prestart_for_this_job)
+_TRAINING_IMPORTS = ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning")
+_WORKER_IMPORTS = (*_TRAINING_IMPORTS, "mlflow")
 WARM_IMPORTS = {
     WORKER_TIER: _WORKER_IMPORTS,
+    # Prestarted beside a cold start, where every CPU-second is one the start-up waits for: only what the worker
+    # needs before its first step. MLflow is imported after it, off the training thread (tracking/logger.py).
+    COLD_WORKER_TIER: _TRAINING_IMPORTS,
     # MLflow's SQL store is most of the cost of rank 0's first MLflow client (~0.6 s of CPU on a small machine,
     # 45 MB): worth keeping warm only for jobs that write to a sqlite file rather than to a tracking server.
     SQLITE_WORKER_TIER: (*_WORKER_IMPORTS, "mlflow.store.tracking.sqlalchemy_store"),
@@ -49,8 +58,11 @@ WARM_IMPORTS = {
 log = logging.getLogger(__name__)
 
 
-def worker_tier(tracking_uri: str) -> str:
-    """The warm tier for Ray Train's workers of a job that tracks to `tracking_uri`."""
+def worker_tier(tracking_uri: str, cold: bool = False) -> str:
+    """The warm tier for Ray Train's workers of a job that tracks to `tracking_uri`; `cold`: on a cluster the
+    job's own driver started (cluster.started_here), whose processes are prestarted while it starts."""
+    if cold:
+        return COLD_WORKER_TIER
     return SQLITE_WORKER_TIER if tracking_uri.startswith("sqlite:") else WORKER_TIER
 
 
@@ -82,9 +94,8 @@ def refill() -> int:
 
 def _refill() -> int:
     import ray
-    from ray._private.grpc_utils import init_grpc_channel
     from ray._private.state import state as global_state
-    from ray.core.generated import common_pb2, gcs_pb2, node_manager_pb2, node_manager_pb2_grpc
+    from ray.core.generated import gcs_pb2
 
     if not ray.is_initialized():
         return 0
@@ -105,14 +116,101 @@ def _refill() -> int:
         if actor.pid and keep_alive.get(actor.address.node_id.hex()))
     asked = 0
     for (node_id, runtime_env), count in wanted.items():
-        request = node_manager_pb2.PrestartWorkersRequest(
-            language=common_pb2.PYTHON, num_workers=count, keep_alive_duration_secs=keep_alive[node_id])
-        request.runtime_env_info.serialized_runtime_env = runtime_env  # no job_id: any later job may take them
-        channel = init_grpc_channel(raylets[node_id])
-        try:
-            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=5)
-        finally:
-            channel.close()
+        _prestart(raylets[node_id], runtime_env, count, keep_alive[node_id])
         asked += count
     log.debug("warm pool: asked for %d process(es) on %d node(s)", asked, len({node for node, _ in wanted}))
     return asked
+
+
+def _prestart(raylet_address: str, serialized_runtime_env: str, count: int, keep_alive_s: int) -> None:
+    """Ask one raylet for `count` processes bound to no job (any job may take them) in that runtime environment."""
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+    request = node_manager_pb2.PrestartWorkersRequest(
+        language=common_pb2.PYTHON, num_workers=count, keep_alive_duration_secs=keep_alive_s)
+    request.runtime_env_info.serialized_runtime_env = serialized_runtime_env
+    channel = init_grpc_channel(raylet_address)
+    try:
+        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=5)
+    finally:
+        channel.close()
+
+
+# Ray Train's controller and its synchronization actor: the job's actors besides its workers (the actor table of
+# a local job, read by test_cold_prestart_predicts_every_actors_environment).
+HELPER_ACTORS = 2
+COLD_KEEP_ALIVE_S = 600  # a prestarted process not taken by then is Ray's to reap; the local cluster ends sooner
+
+
+def prestart_for_this_job(num_workers: int, tracking_uri: str) -> int:
+    """A cold start of the local default: processes for this job's actors, asked for as soon as Ray is up.
+
+    Until the plan is done the driver imports Lightning on one core and the other is mostly idle (~2-3 s on a
+    2-core machine, measured per process); Ray Train asks for its controller only after the plan, and for its
+    workers after the controller, each then a new process importing what it needs (~8 s to the workers' set-up).
+    Prestarted now, in exactly the runtime environments Ray Train will give those actors, the processes import
+    their tier (preload.py) beside the driver, and Ray hands them to the actors as they are created.
+    Best effort, like refill(): a wrong guess only leaves processes that no actor takes (Ray reaps them).
+    The local default's Ray must start with warm_pool_env(), so that its raylet preloads and starts them all.
+    """
+    try:
+        return _prestart_for_this_job(num_workers, tracking_uri)
+    except Exception as exc:
+        log.debug("warm pool: cold prestart skipped (%s: %s)", type(exc).__name__, exc)
+        return 0
+
+
+def _prestart_for_this_job(num_workers: int, tracking_uri: str) -> int:
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) != 1:
+        return 0
+    raylet = f"{nodes[0]['NodeManagerAddress']}:{nodes[0]['NodeManagerPort']}"
+    helpers, workers = predicted_runtime_envs(ray.get_runtime_context().runtime_env.get("env_vars") or {},
+                                              worker_tier(tracking_uri, cold=True))
+    _prestart(raylet, helpers, HELPER_ACTORS, COLD_KEEP_ALIVE_S)
+    _prestart(raylet, workers, num_workers, COLD_KEEP_ALIVE_S)
+    log.debug("warm pool: prestarted %d process(es) for this job", HELPER_ACTORS + num_workers)
+    return HELPER_ACTORS + num_workers
+
+
+def predicted_runtime_envs(job_env_vars: dict[str, str], tier: str) -> tuple[str, str]:
+    """The serialized runtime environments Ray will record for this job's helper actors and for its workers.
+
+    Ray Train gives its controller the job's environment plus the variables it propagates from the driver's
+    environment (and RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0); the controller's synchronization actor inherits it,
+    and the workers add their warm tier (launch.py) on top. Ray matches a process to an actor by the hash of
+    this exact string, which its core worker writes as compact JSON with sorted keys.
+    """
+    propagated = _ray_train_propagated_env()
+    propagated.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
+    helpers = {**job_env_vars, **propagated}
+    workers = {**helpers, **tier_runtime_env(tier)["env_vars"]}
+    return _serialized(helpers), _serialized(workers)
+
+
+def _serialized(env_vars: dict[str, str]) -> str:
+    import json
+
+    return json.dumps({"env_vars": env_vars}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _ray_train_propagated_env() -> dict[str, str]:
+    """What Ray Train's get_env_vars_to_propagate() will return, without importing ray.train.
+
+    Importing it here would import Ray Train (with Ray Data, pandas and pyarrow) in Ray's starter thread while the
+    main thread imports Lightning, and two threads importing the same modules can deadlock (errors.py). Its
+    constants module imports only two light Ray modules, so it is loaded on its own, from its file.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    import ray
+
+    path = Path(ray.__file__).parent / "train" / "v2" / "_internal" / "constants.py"
+    spec = importlib.util.spec_from_file_location("_orch_ray_train_constants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_env_vars_to_propagate()

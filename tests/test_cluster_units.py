@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -144,6 +145,8 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
     ({"ORCH_WARM": "worker-sqlite", "RAY_JOB_ID": "ffffffff"},  # a job tracking to a sqlite file: its SQL store too
      "torch ray.train ray.train.torch lightning.pytorch mlflow mlflow.store.tracking.sqlalchemy_store warmed"),
     ({"ORCH_WARM": "job", "RAY_JOB_ID": "ffffffff"}, "ray.train warmed"),  # Ray Train's controller: no PyTorch
+    # Prestarted beside a cold start: what the worker needs before its first step, not MLflow (after it).
+    ({"ORCH_WARM": "worker-cold", "RAY_JOB_ID": "ffffffff"}, "torch ray.train ray.train.torch lightning.pytorch warmed"),
     ({"ORCH_WARM": "worker", "RAY_JOB_ID": "03000000"}, ""),  # started for a running job: it imports what it needs
     ({"RAY_JOB_ID": "ffffffff"}, ""),  # someone else's prestarted process (Ray's own, another project)
     ({"ORCH_WARM": "1", "RAY_JOB_ID": "ffffffff"}, ""),  # a tier this version does not know (an older orch's job)
@@ -166,3 +169,33 @@ def test_warm_pool_env_keeps_the_users_preloads_and_names_ours_once(monkeypatch)
     env = warm_pool_env()
     assert env["RAY_preload_python_modules"] == "numpy,orchestrator.preload"
     assert int(env["RAY_worker_maximum_startup_concurrency"]) >= 16
+
+
+def test_cold_prestart_predicts_what_ray_train_propagates_without_importing_it(monkeypatch):
+    """The cold prestart reads Ray Train's propagation rules from its constants file alone (warm_pool.py);
+    a Ray that moves or changes them must fail here, not leave a user's prestarted processes untaken."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "61")
+    monkeypatch.setenv("ORCH_UNRELATED", "x")
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys, json; from orchestrator.warm_pool import _ray_train_propagated_env as p; ours = p(); "
+        "assert 'ray.train' not in sys.modules, 'imported Ray Train'; "
+        "from ray.train.v2._internal.constants import get_env_vars_to_propagate as g; "
+        "print(json.dumps([ours, g()]))")], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    ours, ray_trains = json.loads(probe.stdout)
+    assert ours == ray_trains
+    assert ours["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "61" and "ORCH_UNRELATED" not in ours
+
+
+def test_cold_prestart_environments_are_rays_compact_sorted_json(monkeypatch):
+    from orchestrator.warm_pool import predicted_runtime_envs
+
+    monkeypatch.setattr("orchestrator.warm_pool._ray_train_propagated_env", lambda: {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"})
+    helpers, workers = predicted_runtime_envs({"PYTHONPATH": "/p/é", "ORCH_WARM": "job", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"},
+                                              "worker-cold")
+    # The driver's propagated value wins over the job's (Ray Train sets it on the controller's own environment).
+    assert helpers == ('{"env_vars":{"ORCH_WARM":"job","PYTHONPATH":"/p/é","RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":"1",'
+                       '"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC":"0"}}')
+    assert workers == helpers.replace('"ORCH_WARM":"job"', '"ORCH_WARM":"worker-cold"')

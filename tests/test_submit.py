@@ -38,6 +38,9 @@ def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_ur
                            ("imports", "preflight", "ray_start", "launch", "workers_start", "setup", "first_step")}
     assert all(value >= 0 for value in phases.values())
     assert sum(phases.values()) == pytest.approx(run.data.metrics["orch/first_step_s"], abs=0.05)
+    # Both workers took a process prestarted while the driver planned (warm_pool.prestart_for_this_job): Ray
+    # matched the runtime environment the driver predicted for them, byte for byte.
+    assert run.data.metrics["orch/warm_workers"] == 2, output
 
     # The default spec must reach 95 % validation accuracy.
     assert run.data.metrics["val/acc"] >= 0.95, run.data.metrics
