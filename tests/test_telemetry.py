@@ -406,3 +406,27 @@ def test_a_sampling_interval_below_a_tenth_of_a_second_is_refused():
     assert problem.field == "tracking.system_metrics_interval"
     assert "0.1" in problem.message and "0.01" in problem.render()
     assert load_spec(ASSETS / "telemetry_project/job.yaml", ["tracking.throughput=false"]).tracking.throughput is False
+
+
+def test_two_drivers_opening_a_new_experiment_at_once_share_it(existing_store, monkeypatch):
+    """A user's sweep starts drivers side by side on a fresh experiment: each finds it missing, both create it;
+    the second create fails in the store (a unique name), and that driver must take the first one's experiment."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.run import RunRecord
+
+    other_driver = MlflowClient(existing_store)
+    real_lookup = MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def lookup_racing_the_other_driver(self, name):
+        lookups.append(name)
+        if len(lookups) == 1:  # missing when we look; the other driver creates it before our create
+            other_driver.create_experiment(name)
+            return None
+        return real_lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_racing_the_other_driver)
+    record = RunRecord(existing_store, "sweep", None, {})
+    assert record.experiment_id == real_lookup(other_driver, "sweep").experiment_id
+    assert other_driver.get_run(record.run_id).info.experiment_id == record.experiment_id

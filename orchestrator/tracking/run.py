@@ -83,13 +83,28 @@ class RunRecord:
                 self.experiment_id = run.info.experiment_id
                 self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items()])
             else:
-                found = self.client.get_experiment_by_name(experiment)
-                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+                self.experiment_id = self._experiment_id(experiment)
                 run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         except MlflowException as exc:
             raise TrackingUnavailable(f"cannot open an MLflow run at {redact(tracking_uri)}: {exc.message}") from None
         self.run_id = run.info.run_id
         self.run_name = run.info.run_name
+
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, creating it if it is new. Two drivers starting at once (a user's sweep) may both
+        find it missing; the one whose create loses the race reads the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     @classmethod
     def reopen(cls, tracking_uri: str, run_id: str) -> RunRecord:
