@@ -94,10 +94,10 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     if not (looks_importable(spec.model.class_path) and looks_importable(spec.data.class_path)):
         return None  # the real check reports it, with Ray never started
     check_local_fit(spec, source)
-    check_tracking(resolve_tracking_uri(spec.tracking.uri))
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri)
+    check_tracking(tracking_uri)
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray", highlight=False)
     interrupt_on_sigterm()  # ray.init off the main thread installs no SIGTERM handler of its own
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     return LocalRayStart(verbose, prestart=None if os.environ.get("ORCH_COLD_PRESTART") == "0" else
                          functools.partial(prestart_for_this_job, spec.scaling.num_workers, tracking_uri))
 
@@ -451,7 +451,7 @@ def _trainer(spec, configs, run_id, tracking_uri, board, verbose):
             failure_config=FailureConfig(**configs["failure"]),
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
-            # Processes kept warm for the workers import Lightning and MLflow; the job's other actors' do not.
+            # Processes kept warm for the workers import Lightning (and, between jobs, MLflow); the other actors' do not.
             worker_runtime_env=tier_runtime_env(worker_tier(tracking_uri, cold=started_here())),
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),

@@ -137,8 +137,8 @@ def _prestart(raylet_address: str, serialized_runtime_env: str, count: int, keep
         channel.close()
 
 
-# Ray Train's controller and its synchronization actor: the job's actors besides its workers (the actor table of
-# a local job, read by test_cold_prestart_predicts_every_actors_environment).
+# Ray Train's controller and its synchronization actor: the job's actors besides its workers (read off a local
+# job's actor table; the cold digits test in test_submit.py checks that its workers took the prestarted processes).
 HELPER_ACTORS = 2
 COLD_KEEP_ALIVE_S = 600  # a prestarted process not taken by then is Ray's to reap; the local cluster ends sooner
 
