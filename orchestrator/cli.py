@@ -23,7 +23,7 @@ def _kernel_process_start() -> float:
 
     psutil's `create_time()` adds the tick count in /proc/self/stat to /proc/stat's `btime`, which the kernel
     rounds down to whole seconds, so its answer is early by the fraction of a second that rounding dropped (0.77 s
-    on the CI machine of 12-03; psutil issue #877), and every start-up phase counted from it grew by that much.
+    on a machine of CI's kind on 12-03; psutil issue #877), and every start-up phase counted from it grew by that much.
     Measuring how long ago the process started on the clock the tick count runs on (CLOCK_BOOTTIME) and taking
     that from the wall clock now has no rounding in it. Hand-written because no library we use exposes it."""
     try:
@@ -57,7 +57,9 @@ def _process_started_at() -> float:
         created = _kernel_process_start()
     except Exception:  # no psutil and no /proc: the next best is the package's import
         return exec_estimate
-    return exec_estimate if imported_at - created > cpu_used + EXEC_WAIT_ALLOWANCE_S else created
+    # A start after this package's import cannot be (a clock stepped between the two readings): trust the import.
+    waited = imported_at - created
+    return exec_estimate if waited < 0 or waited > cpu_used + EXEC_WAIT_ALLOWANCE_S else created
 
 
 STARTED_AT = _process_started_at()
