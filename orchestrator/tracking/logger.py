@@ -87,7 +87,14 @@ class MetricSender:
 
     @property
     def client(self):
-        """MLflow's client, made on first use: by this sender's thread or the system sampler's, never a step."""
+        """MLflow's client, made on first use: by this sender's thread or the system sampler's, never a step.
+
+        Not before the run exists: making a client opens its store, and a new sqlite store's schema is created by
+        whoever opens it first. The driver does, while the workers start; a worker that got there too (a busy
+        machine starves the driver's low-priority thread) ran the same migrations on the same file at once, and
+        one of the two failed ("Online migration expected to match one row"). Once the run is open, the schema is.
+        """
+        self.run_id  # noqa: B018 - waits until the driver has opened the run
         with self._client_lock:
             if self._client is None:
                 self._client = import_mlflow().MlflowClient(self.tracking_uri)

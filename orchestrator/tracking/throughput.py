@@ -226,8 +226,9 @@ class ThroughputMonitor(pl.Callback):
             from orchestrator.tracking.logger import import_mlflow, resolve_run_id
 
             mlflow = import_mlflow()  # the sender's and the sampler's threads may be importing it right now
+            run_id = resolve_run_id(self.run_id)  # first: the run open, its store's schema exists (logger.py)
             mlflow.MlflowClient(self.tracking_uri).log_batch(
-                resolve_run_id(self.run_id), tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+                run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         except Exception as exc:  # the metrics still went through the logger
             log.warning("could not tag the run with its throughput summary: %s", exc)
 
