@@ -113,6 +113,71 @@ def test_sender_never_sends_a_step_twice_across_attempts(tracking_uri):
     assert _history(client, run_id, "loss") == [(s, float(s)) for s in range(6)] + [(s, 100.0 + s) for s in (6, 7, 8)]
 
 
+def test_a_worker_leaves_a_new_store_to_the_driver(tracking_uri, migrated_store):
+    """Until the driver has opened the run, rank 0's sender makes no MLflow client: making one opens the store, and
+    a new sqlite store's tables are made by whoever opens it first. On a busy machine the sender got there while the
+    driver's low-priority thread was still migrating the same file, and the driver's run failed to open ("Online
+    migration expected to match one row")."""
+    import shutil
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.logger import MetricSender
+
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    opened, posted = threading.Event(), {}
+
+    def run_id_from_the_driver() -> str:  # as worker.RunIdFromBoard: waits until the driver posts it
+        assert opened.wait(60)
+        return posted["run_id"]
+
+    sender = MetricSender(tracking_uri, run_id_from_the_driver, interval_s=0.05)
+    sender.add({"loss": 1.0}, step=0)
+    sender.set_tags({"orch.hostnames": "here"})
+    time.sleep(1.0)  # some twenty wake-ups of the sender's thread, each with something to send
+    assert not store.exists(), "the sender opened the store before the run existed"
+    shutil.copyfile(migrated_store, store)  # the driver opens it: the schema, then the run
+    client = MlflowClient(tracking_uri)
+    posted["run_id"] = client.create_run(client.create_experiment("new-store")).info.run_id
+    opened.set()
+    assert sender.close(30)
+    assert _history(client, posted["run_id"], "loss") == [(0, 1.0)]
+    assert client.get_run(posted["run_id"]).data.tags["orch.hostnames"] == "here"
+
+
+def test_a_driver_waits_for_the_schema_another_driver_is_making(tracking_uri, migrated_store):
+    """Two drivers on one new sqlite store (a user's sweep in a new folder) both run MLflow's migrations on it; the
+    one that finds the schema half made waits for the other to finish it. A schema that never comes right stops
+    the job with the store named, not a traceback from alembic."""
+    import shutil
+    import sqlite3
+    import threading
+    import time
+
+    from orchestrator.tracking.run import RunRecord, TrackingUnavailable, open_client
+
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    shutil.copyfile(migrated_store, store)
+    with sqlite3.connect(store) as db:
+        ((head,),) = db.execute("select version_num from alembic_version").fetchall()
+        db.execute("update alembic_version set version_num = '451aebb31d03'")  # an earlier of MLflow's revisions
+    with pytest.raises(TrackingUnavailable, match=r"cannot open the MLflow store sqlite:///.*out-of-date database"):
+        open_client(tracking_uri, patience_s=0.5)
+
+    def other_driver_finishes() -> None:
+        time.sleep(1.5)
+        with sqlite3.connect(store) as db:
+            db.execute("update alembic_version set version_num = ?", (head,))
+
+    other = threading.Thread(target=other_driver_finishes)
+    other.start()
+    record = RunRecord(tracking_uri, "sweep", None, {})
+    other.join()
+    assert record.client.get_run(record.run_id).info.status == "RUNNING"
+
+
 def test_training_side_of_the_sender_never_imports_mlflow(tracking_uri):
     """Rank 0's training thread creates the logger's sender and adds metrics and tags; MLflow (~2 s of CPU to
     import and open a store) is the sender thread's to import, or it would delay rank 0's first step while the

@@ -70,12 +70,11 @@ class RunRecord:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
                  run_id: str | None = None):
         """run_id: take over a run opened elsewhere (by `orch submit --cluster http://…` before it sent the job)."""
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         from mlflow.entities import RunTag
 
-        self.client = MlflowClient(tracking_uri)
+        self.client = open_client(tracking_uri)
         self.tracking_uri = tracking_uri
         try:
             if run_id:
@@ -109,10 +108,8 @@ class RunRecord:
     @classmethod
     def reopen(cls, tracking_uri: str, run_id: str) -> RunRecord:
         """An existing run, marked RUNNING again (`orch resume`): its params, metrics and artifacts stay."""
-        from mlflow import MlflowClient
-
         record = cls.__new__(cls)
-        record.client = MlflowClient(tracking_uri)
+        record.client = open_client(tracking_uri)
         record.tracking_uri = tracking_uri
         run = record.client.get_run(run_id)
         record.experiment_id, record.run_id, record.run_name = run.info.experiment_id, run_id, run.info.run_name
@@ -169,6 +166,37 @@ class RunRecord:
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or opened: nothing starts."""
+
+
+def open_client(tracking_uri: str, patience_s: float = 60.0):
+    """MLflow's client, which opens its store at once. A new sqlite store gets its schema from the first process to
+    open it, and two drivers that start together on one (a user's sweep in a new folder) both run MLflow's
+    migrations on the file: the slower fails partway (alembic's "Online migration expected to match one row") or
+    finds the schema half made ("out-of-date database schema"). The other is finishing it meanwhile, so those
+    errors are tried again for up to `patience_s`; any other, or one that outlasts it, stops the job clearly."""
+    import time
+
+    from mlflow import MlflowClient
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return MlflowClient(tracking_uri)
+        except Exception as exc:
+            if not (tracking_uri.startswith("sqlite:") and _schema_in_the_making(exc)) or time.monotonic() > deadline:
+                raise TrackingUnavailable(f"cannot open the MLflow store {redact(tracking_uri)}: "
+                                          f"{type(exc).__name__}: {exc}") from None
+            time.sleep(0.5)
+
+
+def _schema_in_the_making(exc: Exception) -> bool:
+    """The errors of a sqlite store whose schema another process is creating right now (open_client)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if isinstance(exc, MlflowException):
+        return "out-of-date database schema" in exc.message
+    return isinstance(exc, (IntegrityError, OperationalError)) or type(exc).__module__.startswith("alembic")
 
 
 def check_tracking(tracking_uri: str, timeout_s: float = 10.0) -> None:
