@@ -175,7 +175,9 @@ def test_a_nonfinite_loss_stops_the_job_or_is_skipped(cluster_env, tmp_path, mig
     stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
     stop_uri, skip_uri = prepared_store(stop_dir, migrated_store), prepared_store(skip_dir, migrated_store)
     nan = ["model.init_args.nan_at_step=5", "model.init_args.nan_rank=1"]  # rank 1 only: rank 0's loss is fine
-    stop = start(["submit", "job.yaml", f"checkpoint.storage_path={stop_dir}/ckpt", "failure.max_failures=1", *nan],
+    # Stop: rank 1's gradients stay finite, so rank 0 can only stop at step 5 by hearing of rank 1's loss.
+    stop = start(["submit", "job.yaml", f"checkpoint.storage_path={stop_dir}/ckpt", "failure.max_failures=1", *nan,
+                  "model.init_args.nan_gradients=false"],
                  {**cluster_env, "MLFLOW_TRACKING_URI": stop_uri}, project(stop_dir))
     skip = start(["submit", "job.yaml", f"checkpoint.storage_path={skip_dir}/ckpt", "failure.nonfinite_loss=skip", *nan],
                  {**cluster_env, "MLFLOW_TRACKING_URI": skip_uri}, project(skip_dir))

@@ -34,7 +34,7 @@ class NoisyMLP(pl.LightningModule):
 
     def __init__(self, dim: int = 8, hidden: int = 32, lr: float = 0.05, dropout: float = 0.3,
                  sleep_per_step: float = 0.0, kill_at_step: int = -1, kill_rank: int = 0, kill_times: int = 1,
-                 marker: str = "", nan_at_step: int = -1, nan_rank: int = 1):
+                 marker: str = "", nan_at_step: int = -1, nan_rank: int = 1, nan_gradients: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
@@ -50,7 +50,9 @@ class NoisyMLP(pl.LightningModule):
         features, labels = batch
         loss = nn.functional.cross_entropy(self.net(features), labels)
         if self.global_step == h.nan_at_step and self.global_rank == h.nan_rank:
-            loss = loss * float("nan")
+            # nan_gradients=false: a NaN loss whose gradients stay finite, so DDP's averaged gradients give no
+            # sign of it and only the ranks' agreement on the loss can stop the other ranks at this step.
+            loss = loss * float("nan") if h.nan_gradients else loss + float("nan")
         self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
