@@ -35,8 +35,9 @@ class FaultGuard(pl.Callback):
     backward pass: DDP averages the gradients themselves, so every rank already holds the same ones and can
     judge them alone. Waiting for a collective after the backward pass cost a 2-worker CPU step ~5 % (a
     round trip of both ranks, which Lightning's `strategy.reduce` makes two by putting a barrier before it).
-    Sharded strategies (FSDP, DeepSpeed), DDP with a communication hook (which may leave gradients unequal)
-    and gradient accumulation keep the reduction after the backward pass, gradients' verdicts included.
+    Sharded strategies (FSDP, DeepSpeed), DDP with a communication hook (which may leave gradients unequal),
+    gradient accumulation and manual optimization keep the reduction after the backward pass, gradients'
+    verdicts included.
     """
 
     def __init__(self, board, nonfinite_loss: str, max_consecutive_skips: int, reporter, max_failures: int):
