@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 
 import lightning.pytorch as pl
@@ -60,6 +62,7 @@ class FaultGuard(pl.Callback):
     # ---- attempts -------------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _drop_idle_sigterm_broadcast(trainer)
         if trainer.global_rank != 0 or self.board is None:
             return
         try:
@@ -202,6 +205,36 @@ def _gradients_replicated(trainer: pl.Trainer) -> bool:
             and isinstance(strategy.model, DistributedDataParallel)
             and getattr(strategy, "_ddp_comm_hook", None) is None
             and trainer.accumulate_grad_batches == 1 and trainer.lightning_module.automatic_optimization)
+
+
+def _drop_idle_sigterm_broadcast(trainer: pl.Trainer) -> bool:
+    """Skip the SIGTERM flag Lightning broadcasts from rank 0 before every training step, where it can only be 0.
+
+    Lightning (2.6, `_TrainingEpochLoop._broadcast_sigterm_tensor`) installs its SIGTERM handler only from the
+    main thread; Ray Train runs the training function in a thread of its own, so under Ray the handler is never
+    installed, the flag never set, and the broadcast is a blocking round trip of all ranks per step that says
+    nothing (on a 2-worker CPU step it held the ranks in lock-step once more per step). Stopping keeps working:
+    `orch stop` and Ctrl-C reach the ranks through this guard's stop flag, a killed worker through Ray Train.
+    Every rank must decide alike, or one would wait in a broadcast the others never join: one all-reduce (MIN) at
+    the start of training settles it. ORCH_LIGHTNING_SIGTERM_BROADCAST=1 keeps Lightning's broadcast.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if (trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized()
+            or not hasattr(epoch_loop, "_broadcast_sigterm_tensor")):
+        return False
+    # Lightning registers its handler from the main thread only (signal_connector._register_signal).
+    can_skip = (threading.current_thread() is not threading.main_thread() and not trainer.received_sigterm
+                and os.environ.get("ORCH_LIGHTNING_SIGTERM_BROADCAST", "0") != "1")
+    agreed = torch.tensor([int(can_skip)], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    if not int(agreed.item()):
+        return False
+    epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast  # this trainer's loop only
+    return True
+
+
+def _no_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast where no rank can receive one (above)."""
 
 
 def _sum_over_ranks(trainer: pl.Trainer, flags: torch.Tensor) -> torch.Tensor:

@@ -332,3 +332,24 @@ def test_a_dead_controller_reads_as_a_sentence_that_says_how_to_go_on():
     assert "`orch resume abc123`" in text
     worker = ActorDiedError(ActorDiedErrorContext(class_name="RayTrainWorker", actor_id=bytes(16)))
     assert describe_failure(worker, "abc123") is None  # the user's traceback (or Ray's) is shown as it is
+
+
+def test_lightning_sigterm_broadcast_is_dropped_only_where_no_rank_can_receive_one():
+    """Under Ray Train the fit runs in a thread, where Lightning cannot install its SIGTERM handler, so its
+    per-step broadcast of rank 0's flag is a round trip that always says 0 (faults.py). Real 2-rank gloo fits
+    under torchrun: dropped when every rank fits in a thread, kept in the main thread, kept when ranks differ."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ASSETS / "sigterm_ranks.py")], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(text for text in result.stdout.splitlines() if text.startswith("RESULT "))
+    fits = json.loads(line.removeprefix("RESULT "))
+    assert fits["threads"] == {"dropped": True, "real_broadcasts": 0, "steps": 6}
+    # Lightning's own broadcast ran before every step where it was kept (its name pins the private hook).
+    assert fits["main"] == {"dropped": False, "real_broadcasts": 6, "steps": 6}
+    assert fits["mixed"] == {"dropped": False, "real_broadcasts": 6, "steps": 6}
