@@ -49,6 +49,8 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # workers override it with the worker tier (launch.py).
         TIER_ENV_VAR: JOB_TIER,
     }
+    if os.environ.get("ORCH_LIGHTNING_SIGTERM_BROADCAST"):  # an A/B switch (faults.py), passed only when set
+        env["ORCH_LIGHTNING_SIGTERM_BROADCAST"] = os.environ["ORCH_LIGHTNING_SIGTERM_BROADCAST"]
     if os.environ.get("ORCH_RAY_JOB_ID") and os.environ.get("RAY_ADDRESS"):
         # Ray Train's helper actors find the cluster by address; "auto" is ambiguous with two clusters on a machine.
         env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
