@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "faults_project"))
 from faulty import Blobs, NoisyMLP  # noqa: E402
@@ -23,7 +22,6 @@ from orchestrator.faults import _drop_idle_sigterm_broadcast  # noqa: E402
 class Decide(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self.dropped = _drop_idle_sigterm_broadcast(trainer)
-        self.loop = trainer.fit_loop.epoch_loop
 
 
 class CountBroadcasts(pl.Callback):
