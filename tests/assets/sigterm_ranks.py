@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 sys.path.insert(0, str(Path(__file__).parent / "faults_project"))
 from faulty import Blobs, NoisyMLP  # noqa: E402
 
-from orchestrator.faults import _drop_idle_sigterm_broadcast  # noqa: E402
+from orchestrator.faults import _drop_idle_sigterm_broadcast, _no_sigterm_broadcast  # noqa: E402
 
 
 class Decide(pl.Callback):
@@ -35,7 +35,7 @@ class CountBroadcasts(pl.Callback):
         def counted():
             self.calls += 1
             inner()
-        self.real = "_no_sigterm_broadcast" not in getattr(inner, "__name__", "")
+        self.real = inner is not _no_sigterm_broadcast
         loop._broadcast_sigterm_tensor = counted
 
 
