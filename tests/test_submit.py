@@ -116,6 +116,21 @@ def test_user_module_outside_jobs_with_overrides(cluster_env, tracking_uri, tmp_
     assert set(runs[0].data.metrics) == set(runs[1].data.metrics)
 
 
+def test_verbose_shows_what_every_process_says_on_the_local_default(orch_env, tracking_uri, tmp_path):
+    """--verbose is the way to see everything: Ray's own lines and each worker's output, which the local default
+    otherwise keeps out of the terminal (its log monitor then rescans for new files only every 5 s, cluster.py)."""
+    project = copy_user_project(tmp_path)
+    result = run_orch(["submit", "job.yaml", "--verbose", "trainer.max_epochs=1", "scaling.num_workers=1"],
+                      env=orch_env, cwd=project, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Started a local Ray instance" in output, output
+    worker_lines = [line for line in output.splitlines() if "(RayTrainWorker pid=" in line]
+    assert any("[rank 0 @ " in line and "`Trainer.fit` stopped" in line for line in worker_lines), output
+    _, run = only_run(tracking_uri, "user-project")
+    assert run.info.status == "FINISHED"
+
+
 def test_a_failing_job_is_marked_failed_with_its_error(cluster_env, tracking_uri, tmp_path):
     project = copy_user_project(tmp_path)
     result = run_orch(["submit", "job.yaml", "model.init_args.fail_at_step=3", "failure.max_failures=0"],
