@@ -177,7 +177,8 @@ class _NotMainThreadFilter(logging.Filter):
 
 
 def lean_local_ray(log_to_driver: bool = False) -> None:
-    """Ray Train's helpers that serve long-lived shared clusters, off for the cluster this process starts and ends.
+    """Ray Train's helpers and Ray's chores that serve long-lived shared clusters, off for the cluster this process
+    starts and ends.
 
     Each is one more Python process (about a second of CPU to start on a small machine, all before the first
     step) and none can act here: the preemption watcher looks for nodes being drained, which an in-process
@@ -197,7 +198,8 @@ def lean_local_ray(log_to_driver: bool = False) -> None:
     #   a Prometheus that scrapes the dashboard, which this cluster does not run (1.7 -> 0.7 % of a core in
     #   the agent alone);
     # - with no driver taking the workers' output (log_to_driver is off unless --verbose), the log monitor
-    #   rescans the log folder 10 times a second for new files to publish to nobody (1.5 -> 0.6 %).
+    #   rescans the log folder 10 times a second for new files to publish to nobody (1.5 -> 0.6 %, with the
+    #   autoscaler monitor, measured together).
     # Each process reads these from the environment it inherits from this one as it starts.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
     if not log_to_driver:
