@@ -215,8 +215,9 @@ def _drop_idle_sigterm_broadcast(trainer: pl.Trainer) -> bool:
     installed, the flag never set, and the broadcast is a blocking round trip of all ranks per step that says
     nothing (on a 2-worker CPU step it held the ranks in lock-step once more per step). Stopping keeps working:
     `orch stop` and Ctrl-C reach the ranks through this guard's stop flag, a killed worker through Ray Train.
-    Every rank must decide alike, or one would wait in a broadcast the others never join: one all-reduce (MIN) at
-    the start of training settles it. ORCH_LIGHTNING_SIGTERM_BROADCAST=1 keeps Lightning's broadcast.
+    Every rank must decide alike, or one would wait in a broadcast the others never join: one all-reduce at the
+    start of training settles it (dropped only if every rank can). ORCH_LIGHTNING_SIGTERM_BROADCAST=1 keeps
+    Lightning's broadcast.
     """
     epoch_loop = trainer.fit_loop.epoch_loop
     if (trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized()
@@ -225,9 +226,8 @@ def _drop_idle_sigterm_broadcast(trainer: pl.Trainer) -> bool:
     # Lightning registers its handler from the main thread only (signal_connector._register_signal).
     can_skip = (threading.current_thread() is not threading.main_thread() and not trainer.received_sigterm
                 and os.environ.get("ORCH_LIGHTNING_SIGTERM_BROADCAST", "0") != "1")
-    agreed = torch.tensor([int(can_skip)], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-    if not int(agreed.item()):
+    willing = _sum_over_ranks(trainer, torch.tensor([int(can_skip)], device=trainer.strategy.root_device))
+    if int(willing.item()) != trainer.world_size:
         return False
     epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast  # this trainer's loop only
     return True
