@@ -133,6 +133,9 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     try:
         if ray_start is not None:
             ray_start.wait()
+            # The core worker ray.init created in that thread put abseil's failure handler on SIGTERM, over ours:
+            # it passes the signal on, but arms an alarm that aborts the process 3 s later, mid graceful stop.
+            interrupt_on_sigterm()
         else:
             console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray" if address is None
                           else f"[dim]{time.strftime('%H:%M:%S')}[/] joining the Ray cluster at {address}",
