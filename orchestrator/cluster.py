@@ -18,6 +18,10 @@ def quiet_ray_environment(verbose: bool, address: str | None = None) -> None:
     """Set before Ray is imported: token auth on, and none of the known noise in a user's terminal."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # also silences the "token auth enabled" warning
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # no duplicated print lines
+    if not verbose:
+        # Importing MLflow sets its loggers to this level (INFO by default), whatever was set on them before: a
+        # new store's "Creating initial MLflow database tables..." would reach the terminal of a user's first run.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if address is None or address.rpartition(":")[0] in (LOOPBACK, "localhost"):
         # Ray swaps 127.0.0.1 for the machine's LAN address, and then listens on every interface, unless it
         # believes it runs a single-machine cluster: this keeps the local cluster and its clients on loopback.
