@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -108,6 +108,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     `run_id`: record into a run the client opened before sending the job to a cluster (`--attach-run`);
     `ray_start` (cluster.LocalRayStart): the local Ray start_local_ray_early() began, to wait for."""
     from orchestrator.cluster import check_cluster_fit, connect, lean_loopback_cluster, requested_address
+    from orchestrator.progress import ProgressView
     from orchestrator.recovery import check_storage
     from orchestrator.tracking.run import RunRecord, check_tracking
 
@@ -129,7 +130,9 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     marks["preflight"] = time.time()
     address = requested_address(spec.cluster.address)
     ray_run_name = resume.ray_run_name if resume else new_ray_run_name(spec)
-    opening = fit = None
+    opening = fit = view = interrupted = None
+    latest: dict[str, Any] = {}  # the progress board as last polled
+    timings: dict[str, float] = {}  # filled from the board (_poll) from the first poll on
     try:
         if ray_start is not None:
             ray_start.wait()
@@ -159,16 +162,36 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orch-open-run")
         opening = pool.submit(_yielding(RunRecord.reopen), plan.tracking_uri, resume.run_id) if resume else \
             pool.submit(_yielding(_open_run), spec, plan, source, ray_run_name, run_id)
-        record = _wait(opening)
+        # The view starts now, not once the run is open: on a new store (a user's first run) the run opens many
+        # seconds into training, and the epochs trained meanwhile would otherwise all appear in the same second.
+        view = ProgressView(console, spec.name, plan.world_size)
+        view.start()
+        view.set_status(f"starting {plan.world_size} workers")
+
+        def poll_board() -> None:
+            latest.update(_poll(fit.board, view, timings, started_at, marks))
+
+        try:
+            record = _wait(opening, meanwhile=poll_board)
+        except KeyboardInterrupt as first:
+            if latest.get("phase") != "training":
+                raise  # nothing trained yet: stop at once, leaving nothing
+            # Steps were trained (and metrics buffered on rank 0) before the run could record them: the run opens
+            # first, then the workers checkpoint (_follow); a second Ctrl-C meanwhile still stops at once.
+            view.set_status("stopping: opening the MLflow run to record what was trained (Ctrl-C again to stop at once)")
+            record = _wait(opening, meanwhile=poll_board)
+            interrupted = first
         pool.shutdown(wait=False)
         fit.board.update({"run_id": record.run_id})
         run_open_s = time.time() - marks["launch"]  # while the workers started: not one of the phases
     except BaseException as exc:
+        if view is not None:
+            view.close()
         _close_board(fit)
         disconnect()  # leave nothing running: a controller and workers already started end with this driver's job
         _wait_for_fit_thread()
         if opening is not None and resume is None:
-            _close_opened_run(opening, exc)
+            _close_opened_run(opening, exc, trained=latest.get("phase") == "training")
         raise
     outcome = Outcome("RUNNING", record.run_id, record.experiment_id, plan.tracking_uri,
                       ui_command=ui_command(plan.tracking_uri, record.run_id))
@@ -176,7 +199,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         if resume:
             record.set_tags(resume.tags())
         record.set_tags({"orch.driver_pid": str(os.getpid()), "orch.project_dir": str(Path.cwd())})
-        result, timings = _follow(spec, plan, fit, record, console, started_at, resume, marks)
+        result, timings = _follow(spec, plan, fit, record, view, timings, started_at, resume, marks, interrupted)
         outcome.timings = {"ray_ready_s": ray_ready_s, "run_open_s": run_open_s, **timings}
         _collect(outcome, result, spec)
         _record_outcome(record, outcome, step=resume.session if resume else 0)
@@ -194,6 +217,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         outcome.error = _describe_failure(exc, record.run_id)
         record.finish("FAILED", outcome.error)
     finally:
+        view.close()  # _follow closed it, unless what came before _follow failed
         _close_board(fit)
         try:
             if not started_here():  # a cluster that lives on: warm processes for the next job, where it keeps them
@@ -214,13 +238,17 @@ def _close_board(fit: _StartedFit | None) -> None:
         pass
 
 
-def _wait(future: concurrent.futures.Future):
-    """future.result() in slices, so that Ctrl-C reaches the main thread while it waits."""
+def _wait(future: concurrent.futures.Future, meanwhile: Callable[[], Any] | None = None, every_s: float = 0.5):
+    """future.result() in slices, so that Ctrl-C reaches the main thread while it waits; `meanwhile` runs
+    every `every_s` (the progress view's poll: as often as _follow's, not more, beside workers starting)."""
+    due = time.monotonic() + every_s
     while True:
         try:
             return future.result(timeout=0.2)
         except concurrent.futures.TimeoutError:
-            continue
+            if meanwhile is not None and time.monotonic() >= due:
+                meanwhile()
+                due = time.monotonic() + every_s
 
 
 def _wait_for_fit_thread(timeout_s: float = 20.0) -> None:
@@ -297,14 +325,17 @@ def _open_run(spec: JobSpec, plan: Plan, source: str, ray_run_name: str, run_id:
     return record
 
 
-def _close_opened_run(opening: concurrent.futures.Future, exc: BaseException) -> None:
+def _close_opened_run(opening: concurrent.futures.Future, exc: BaseException, trained: bool = False) -> None:
     """The job did not start (or Ctrl-C came) while the run was being opened: the run must not stay RUNNING."""
     try:
         record = opening.result(timeout=60)
     except BaseException:  # it failed too and closed itself; the first error is the one to report
         return
-    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-    record.finish(status, f"the job did not start: {exc}" if status == "FAILED" else "interrupted before training started")
+    if not isinstance(exc, KeyboardInterrupt):
+        record.finish("FAILED", f"the job did not start: {exc}")
+    else:
+        record.finish("KILLED", "stopped at once while the run was opening; the steps trained until then were not "
+                                "recorded" if trained else "interrupted before training started")
 
 
 def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:
@@ -372,16 +403,14 @@ def _start_fit(spec, configs, run_id, tracking_uri, verbose, resume) -> _Started
     return started
 
 
-def _follow(spec, plan, fit: _StartedFit, record, console, started_at, resume, marks):
-    """Show the job live until fit() returns; Ctrl-C asks the workers for a checkpoint first."""
-    from orchestrator.progress import ProgressView
+def _follow(spec, plan, fit: _StartedFit, record, view, timings, started_at, resume, marks, interrupted=None):
+    """Show the job live in `view` (entered; closed here) until fit() returns; Ctrl-C asks the workers for a
+    checkpoint first. `interrupted`: a Ctrl-C that came while the run was opening, handled as one that comes now."""
     from orchestrator.recovery import AttemptLog, stop_gracefully
 
-    timings: dict[str, float] = {}
     attempts = AttemptLog(record.tracking_uri, record.run_id, resume.attempts if resume else 0)
     board, box, done = fit.board, fit.box, fit.done
-    with ProgressView(console, spec.name, plan.world_size) as view:
-        view.set_status(f"starting {plan.world_size} workers")
+    with view:
 
         def poll() -> dict:
             state = _poll(board, view, timings, started_at, marks)
@@ -390,6 +419,8 @@ def _follow(spec, plan, fit: _StartedFit, record, console, started_at, resume, m
             return state
         try:
             try:
+                if interrupted is not None and not done.is_set():  # (the job may have ended while the run opened)
+                    raise interrupted
                 while not done.wait(timeout=0.5):
                     poll()
             except KeyboardInterrupt as interrupt:  # a second one inside stop_gracefully stops at once

@@ -186,14 +186,21 @@ class ProgressView:
             if console.is_terminal else None
 
     def __enter__(self) -> ProgressView:
-        if self._live:
-            self._live.__enter__()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._live:
+        self.close()
+
+    def start(self) -> None:
+        if self._live and not self._live.is_started:
+            self._live.start()
+
+    def close(self) -> None:
+        """Leave the last state on screen; a second call does nothing."""
+        if self._live and self._live.is_started:
             self._live.update(self._render())
-            self._live.__exit__(*exc)
+            self._live.stop()
 
     def set_status(self, status: str) -> None:
         self.status = status
@@ -204,7 +211,7 @@ class ProgressView:
 
     def update(self, state: dict[str, Any]) -> None:
         self.state = state
-        if state.get("phase") == "training":
+        if state.get("phase") == "training" and not self.status.startswith("stopping"):  # a stop outranks it
             self.status = "training"
         epoch = state.get("epoch")
         validations = state.get("validations", [])
@@ -221,11 +228,12 @@ class ProgressView:
         if self._live:
             self._live.update(self._render())
         for validation in validations[self._printed_validations:]:
+            # Counted first: a Ctrl-C that lands in print() must not have the next update print the line again.
+            self._printed_validations += 1
             # On a terminal these lines scroll above the live bar; elsewhere they are the log.
             self.console.print(
                 f"[dim]{time.strftime('%H:%M:%S')}[/] epoch {validation['epoch'] + 1}  step {validation['step']}  "
                 f"{_format_metrics(validation['metrics'])}", highlight=False)
-        self._printed_validations = len(validations)
 
     def _render(self) -> Group:
         header = Text.assemble((f"{self.job_name}", "bold"), f"  {self.world_size} workers  ", (self.status, "cyan"))

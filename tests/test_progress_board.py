@@ -3,6 +3,8 @@ board leaves nothing behind in a cluster that lives on."""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_events_from_concurrent_processes_are_all_kept_in_order(ray_address):
     import ray
@@ -93,3 +95,37 @@ def test_a_killed_drivers_board_is_swept_by_the_next_board(ray_address, tmp_path
     assert swept >= 2 and orphan.snapshot() == {}  # more where another test's killed driver left a board
     assert live.snapshot() == {"phase": "training"}  # this test's own job is alive
     live.close()
+
+
+def test_the_view_keeps_a_stop_on_screen_and_prints_each_epoch_once():
+    # A stop's status stays up while the workers still train (polls keep coming), and an epoch line is printed
+    # once even when a Ctrl-C lands inside print() and the same board state is shown again.
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.progress import ProgressView
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    validation = {"epoch": 0, "step": 23, "metrics": {"val/acc": 0.5}}
+    with ProgressView(console, "job", 2) as view:
+        view.update({"phase": "training", "step": 1, "total_steps": 10})
+        assert view.status == "training"
+        view.set_status("stopping: writing a checkpoint")
+        view.update({"phase": "training", "step": 2, "total_steps": 10, "validations": [validation]})
+        assert view.status == "stopping: writing a checkpoint"
+
+        def interrupted_print(*args, **kwargs):  # the Ctrl-C arrives just as the line is written
+            real_print(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        second = {"epoch": 1, "step": 46, "metrics": {"val/acc": 0.75}}
+        console.print, real_print = interrupted_print, console.print
+        with pytest.raises(KeyboardInterrupt):
+            view.update({"phase": "training", "step": 3, "validations": [validation, second]})
+        console.print = real_print
+        view.update({"phase": "training", "step": 4, "validations": [validation, second]})
+    view.close()  # a second close does nothing
+    for line in ("epoch 1  step 23", "epoch 2  step 46"):
+        assert out.getvalue().count(line) == 1, out.getvalue()

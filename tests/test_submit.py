@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_uri, tmp_path):
     # The quickstart's path: no cluster named, so the command starts (and ends) Ray in its own process.
+    launched = time.time()
     result = run_orch(["submit", str(REPO / "jobs/digits.yaml"), f"checkpoint.storage_path={tmp_path}/ckpt"],
                       env=orch_env, timeout=600)
     output = result.stdout + result.stderr
@@ -32,6 +34,17 @@ def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_ur
     for noise in ("Failed to query Ray Train Controller", "Traceback", "token authentication", "mlflow.store",
                   "database tables"):
         assert noise not in output, output
+    # The progress view starts as the workers are launched, not once the run is open: on a new store the run
+    # opens seconds into training (orch/run_open_s), and the epochs trained meanwhile used to appear all at once.
+    started_line = re.search(r"^(\d\d:\d\d:\d\d) starting 2 workers\s*$", result.stdout, re.MULTILINE)
+    assert started_line, output
+    launched_at = launched + sum(run.data.metrics[f"orch/startup/{name}_s"]
+                                 for name in ("imports", "preflight", "ray_start", "launch"))
+    day = time.strftime("%Y-%m-%d", time.localtime(launched))
+    shown_at = time.mktime(time.strptime(f"{day} {started_line[1]}", "%Y-%m-%d %H:%M:%S"))
+    shown_at += 86400 if shown_at < launched - 43200 else 0  # past midnight
+    assert shown_at <= launched_at + 2, (time.strftime("%H:%M:%S", time.localtime(launched_at)),
+                                         run.data.metrics["orch/run_open_s"], output)
 
     # Where the wait before the first step went, phase by phase, adding up to the time to the first step.
     phases = {key: value for key, value in run.data.metrics.items() if key.startswith("orch/startup/")}
