@@ -197,17 +197,16 @@ def test_plan_and_dry_run_start_nothing(orch_env, tracking_uri):
 def test_sigterm_marks_the_run_killed(orch_env, tracking_uri, tmp_path):
     """Schedulers and Ray's stop_job send SIGTERM; the run must be closed as KILLED, never left RUNNING.
 
-    On the local default, where ray.init runs in a thread: its core worker put abseil's failure handler on
-    SIGTERM, which aborts the process 3 s after the signal; steps of 1 s make the graceful stop last longer."""
+    On the local default, where ray.init runs in a thread, and on a new store, whose run opens seconds into
+    training: the first epoch usually ends before it is open, and the stop must still be graceful."""
     project = copy_user_project(tmp_path)
     process = subprocess.Popen(
-        [ORCH, "submit", "job.yaml", "trainer.max_epochs=100", "model.init_args.sleep_per_step=1",
+        [ORCH, "submit", "job.yaml", "trainer.max_epochs=100", "model.init_args.sleep_per_step=0.05",
          f"checkpoint.storage_path={tmp_path}/ckpt"],
         env=orch_env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_line(process, "epoch 1 ", timeout=240)
         process.send_signal(signal.SIGTERM)
-        signalled = time.time()
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -216,10 +215,13 @@ def test_sigterm_marks_the_run_killed(orch_env, tracking_uri, tmp_path):
     _, run = only_run(tracking_uri, "user-project")
     assert run.info.status == "KILLED"
     # Graceful: the workers checkpointed the step they were at, and the user is told how to go on.
-    assert "checkpoint at step" in output and f"orch resume {run.info.run_id}" in output
+    assert "checkpoint at step" in output and f"orch resume {run.info.run_id}" in output, output
     assert Path(run.data.tags["orch.last_checkpoint"]).is_dir()
-    assert "SIGTERM received" not in output  # abseil's report of the signal, as if the process had crashed
-    assert time.time() - signalled > 3, "the stop was too quick to show that no abort comes 3 s after SIGTERM"
+    assert run.data.metrics.get("val/acc") is not None  # the epochs trained before the run opened are recorded
+    # ray.init's core worker puts abseil's failure handler on SIGTERM, which says so in the terminal and aborts the
+    # process 3 s later, mid graceful stop: the driver takes SIGTERM back.
+    assert "SIGTERM received" not in output, output
+    print("stopped while the run was opening" if "opening the MLflow run" in output else "stopped after the run opened")
 
 
 @pytest.mark.parametrize("before", ["", "sleep 4; "])
