@@ -187,8 +187,10 @@ def submit(
     except (TrackingUnavailable, ClusterUnavailable) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        err_console.print("interrupted before training started")
+    except KeyboardInterrupt as exc:
+        from orchestrator.launch import interrupted_message
+
+        err_console.print(interrupted_message(exc))
         raise typer.Exit(EXIT_INTERRUPTED)
     print_outcome(console, spec, outcome)
     _exit_now({"FINISHED": 0, "KILLED": EXIT_INTERRUPTED}.get(outcome.status, EXIT_TRAINING_FAILED))

@@ -190,8 +190,11 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         _close_board(fit)
         disconnect()  # leave nothing running: a controller and workers already started end with this driver's job
         _wait_for_fit_thread()
-        if opening is not None and resume is None:
-            _close_opened_run(opening, exc, trained=latest.get("phase") == "training")
+        trained = latest.get("phase") == "training"
+        if opening is not None:  # a resumed run too: reopening marked it RUNNING
+            _close_opened_run(opening, exc, trained=trained)
+        if trained and isinstance(exc, KeyboardInterrupt):
+            raise InterruptedWhileOpening(STOPPED_WHILE_OPENING) from None
         raise
     outcome = Outcome("RUNNING", record.run_id, record.experiment_id, plan.tracking_uri,
                       ui_command=ui_command(plan.tracking_uri, record.run_id))
@@ -264,6 +267,19 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+INTERRUPTED_BEFORE_TRAINING = "interrupted before training started"
+STOPPED_WHILE_OPENING = "stopped at once while the MLflow run was opening; the steps trained until then were not recorded"
+
+
+class InterruptedWhileOpening(KeyboardInterrupt):
+    """A second Ctrl-C while the run opened after training had begun: unlike an interrupt before it, steps were lost."""
+
+
+def interrupted_message(exc: KeyboardInterrupt) -> str:
+    """What the CLI says for an interrupt that submit() let through (the run, if any, was closed KILLED)."""
+    return str(exc) if isinstance(exc, InterruptedWhileOpening) else INTERRUPTED_BEFORE_TRAINING
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
@@ -334,8 +350,7 @@ def _close_opened_run(opening: concurrent.futures.Future, exc: BaseException, tr
     if not isinstance(exc, KeyboardInterrupt):
         record.finish("FAILED", f"the job did not start: {exc}")
     else:
-        record.finish("KILLED", "stopped at once while the run was opening; the steps trained until then were not "
-                                "recorded" if trained else "interrupted before training started")
+        record.finish("KILLED", STOPPED_WHILE_OPENING if trained else INTERRUPTED_BEFORE_TRAINING)
 
 
 def _record_job(record, spec: JobSpec, plan: Plan, ray_run_name: str) -> None:

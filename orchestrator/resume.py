@@ -208,8 +208,10 @@ def resume_job(ref: str, tracking_uri: str | None, force: bool, console, err_con
         return fail("; ".join(p.render() for p in exc.problems))
     except (TrackingUnavailable, ClusterUnavailable) as exc:
         return fail(str(exc))
-    except KeyboardInterrupt:
-        err_console.print("interrupted before training started")
+    except KeyboardInterrupt as exc:
+        from orchestrator.launch import interrupted_message
+
+        err_console.print(interrupted_message(exc))
         return EXIT_INTERRUPTED
     print_outcome(console, spec, outcome)
     code = {"FINISHED": 0, "KILLED": EXIT_INTERRUPTED}.get(outcome.status, EXIT_TRAINING_FAILED)
