@@ -131,7 +131,6 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
     address = requested_address(spec.cluster.address)
     ray_run_name = resume.ray_run_name if resume else new_ray_run_name(spec)
     opening = fit = view = interrupted = None
-    latest: dict[str, Any] = {}  # the progress board as last polled
     timings: dict[str, float] = {}  # filled from the board (_poll) from the first poll on
     try:
         if ray_start is not None:
@@ -169,12 +168,12 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         view.set_status(f"starting {plan.world_size} workers")
 
         def poll_board() -> None:
-            latest.update(_poll(fit.board, view, timings, started_at, marks))
+            _poll(fit.board, view, timings, started_at, marks)
 
         try:
             record = _wait(opening, meanwhile=poll_board)
         except KeyboardInterrupt as first:
-            if latest.get("phase") != "training":
+            if view.state.get("phase") != "training":  # (the board as last shown)
                 raise  # nothing trained yet: stop at once, leaving nothing
             # Steps were trained (and metrics buffered on rank 0) before the run could record them: the run opens
             # first, then the workers checkpoint (_follow); a second Ctrl-C meanwhile still stops at once.
@@ -190,7 +189,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
         _close_board(fit)
         disconnect()  # leave nothing running: a controller and workers already started end with this driver's job
         _wait_for_fit_thread()
-        trained = latest.get("phase") == "training"
+        trained = view is not None and view.state.get("phase") == "training"
         if opening is not None:  # a resumed run too: reopening marked it RUNNING
             _close_opened_run(opening, exc, trained=trained)
         if trained and isinstance(exc, KeyboardInterrupt):
