@@ -114,7 +114,7 @@ def fit(name: str, steps: int, arm: str, store: str, metric_flush_s: float | Non
         logger = MLflowRunLogger(store, run_id)
         callbacks.append(EpochCommit())
         if metric_flush_s is not None:  # what-if: the logger's sender flushing less often than it ships with
-            from orchestrator.tracking.logger import MetricSender
+            from orchestrator.tracking.sender import MetricSender
 
             logger._sender = MetricSender(store, run_id, interval_s=metric_flush_s)
     if arm == "all":

@@ -20,7 +20,7 @@ class AttemptLog:
     """Copies attempts and failures from the progress board to the run's tags, without blocking the driver."""
 
     def __init__(self, tracking_uri: str, run_id: str, attempt_base: int):
-        from orchestrator.tracking.logger import MetricSender
+        from orchestrator.tracking.sender import MetricSender
 
         self.sender = MetricSender(tracking_uri, run_id, max_buffered=10_000)
         self.base = attempt_base

@@ -44,7 +44,7 @@ _WORKER_IMPORTS = (*_TRAINING_IMPORTS, "mlflow")
 WARM_IMPORTS = {
     WORKER_TIER: _WORKER_IMPORTS,
     # Prestarted beside a cold start, where every CPU-second is one the start-up waits for: only what the worker
-    # needs before its first step. MLflow is imported after it, off the training thread (tracking/logger.py).
+    # needs before its first step. MLflow is imported after it, off the training thread (tracking/sender.py).
     COLD_WORKER_TIER: _TRAINING_IMPORTS,
     # MLflow's SQL store is most of the cost of rank 0's first MLflow client (~0.6 s of CPU on a small machine,
     # 45 MB): worth keeping warm only for jobs that write to a sqlite file rather than to a tracking server.

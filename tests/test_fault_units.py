@@ -97,7 +97,7 @@ def _history(client, run_id, key):
 def test_sender_never_sends_a_step_twice_across_attempts(tracking_uri):
     from mlflow import MlflowClient
 
-    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.sender import MetricSender
 
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("units")).info.run_id
@@ -124,7 +124,7 @@ def test_a_worker_leaves_a_new_store_to_the_driver(tracking_uri, migrated_store)
 
     from mlflow import MlflowClient
 
-    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.sender import MetricSender
 
     store = Path(tracking_uri.removeprefix("sqlite:///"))
     opened, posted = threading.Event(), {}
@@ -191,7 +191,7 @@ def test_training_side_of_the_sender_never_imports_mlflow(tracking_uri):
     script = f"""
 import sys, time
 from orchestrator.tracking.gate import MetricGate
-from orchestrator.tracking.logger import MetricSender
+from orchestrator.tracking.sender import MetricSender
 sender = MetricSender({tracking_uri!r}, {run_id!r}, interval_s=3600)
 gate = MetricGate(sender)
 gate.commit(5)
@@ -231,7 +231,7 @@ def test_gate_holds_metrics_until_their_checkpoint_commits(tracking_uri, tmp_pat
     from mlflow import MlflowClient
 
     from orchestrator.tracking.gate import MetricGate, read_sidecar, write_sidecar
-    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.sender import MetricSender
 
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("units")).info.run_id

@@ -41,7 +41,7 @@ def run(tracking_uri, request):
 
 
 def sampler(tracking_uri, run_id, node, nvml=None, gpus=None, interval_s=0.1):
-    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.sender import MetricSender
     from orchestrator.tracking.system import SystemSampler
 
     return SystemSampler(MetricSender(tracking_uri, run_id, interval_s=0.2), node, interval_s, gpus=gpus,
@@ -159,7 +159,7 @@ def test_a_broken_host_reading_never_raises_and_is_reported_once(tracking_uri, r
 def test_sampling_starts_before_mlflow_answers_and_keeps_the_runs_steps(tracking_uri, run):
     """A worker's first MLflow call imports MLflow (seconds on a busy small machine): samples taken meanwhile are
     kept and sent once the run's start time is known, numbered from it, so a short job is still sampled."""
-    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.sender import MetricSender
     from orchestrator.tracking.system import SystemSampler
 
     client, run_id = run
@@ -364,7 +364,7 @@ def test_real_nvml_on_this_gpu(tracking_uri, run):
     client, run_id = run
     uuid = str(torch.cuda.get_device_properties(0).uuid)
     uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    from orchestrator.tracking.logger import MetricSender
+    from orchestrator.tracking.sender import MetricSender
     from orchestrator.tracking.system import SystemSampler
 
     busy = threading.Event()

@@ -39,7 +39,7 @@ EVERYTHING = math.inf  # the final checkpoint covers every step
 
 class PendingMetric(NamedTuple):
     """A metric value on its way to MLflow: mlflow.entities.Metric's fields without importing MLflow, which is left
-    to threads other than the training thread (logger.import_mlflow): there the import held up rank 0's first step."""
+    to threads other than the training thread (sender.import_mlflow): there the import held up rank 0's first step."""
 
     key: str
     value: float

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from orchestrator.tracking.system import SystemSampler, safe_label
 
 if TYPE_CHECKING:
-    from orchestrator.tracking.logger import RunId
+    from orchestrator.tracking.sender import RunId
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class NodeSampling:
         if min(peer["rank"] for peer in mine) != trainer.global_rank:
             return
         try:
-            from orchestrator.tracking.logger import MetricSender
+            from orchestrator.tracking.sender import MetricSender
 
             sender = MetricSender(self.tracking_uri, self.run_id, interval_s=max(FLUSH_EVERY_S, self.interval_s))
             self.sampler = SystemSampler(sender, node_label(me, everyone), self.interval_s,

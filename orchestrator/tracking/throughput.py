@@ -23,7 +23,7 @@ from orchestrator.callbacks import _batch_size
 from orchestrator.tracking.mfu import StepFlopCounter, mfu, peak_flops, recipe_flops_per_sample
 
 if TYPE_CHECKING:
-    from orchestrator.tracking.logger import RunId
+    from orchestrator.tracking.sender import RunId
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +223,10 @@ class ThroughputMonitor(pl.Callback):
         if self.flops_source:
             tags["orch.flops_per_sample_source"] = self.flops_source
         try:
-            from orchestrator.tracking.logger import import_mlflow, resolve_run_id
+            from orchestrator.tracking.sender import import_mlflow, resolve_run_id
 
             mlflow = import_mlflow()  # the sender's and the sampler's threads may be importing it right now
-            run_id = resolve_run_id(self.run_id)  # first: the run open, its store's schema exists (logger.py)
+            run_id = resolve_run_id(self.run_id)  # first: the run open, its store's schema exists (sender.py)
             mlflow.MlflowClient(self.tracking_uri).log_batch(
                 run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
         except Exception as exc:  # the metrics still went through the logger
