@@ -47,10 +47,23 @@ class LeanTorchConfig(BackendConfig):
 
     @property
     def train_func_context(self):
-        # Read by the trainer in the driver, which has PyTorch already; the workers unpickle it by reference.
+        return TorchContextInWorker  # Ray's, imported where it runs: a cold start's driver has no PyTorch
+
+
+class TorchContextInWorker:
+    """Ray's TorchConfigContextManager (the CUDA device of the rank), imported in the worker when it is entered.
+
+    The trainer in the driver wraps the training function in this context; Ray's own class lives in the module
+    that imports torch at its top, and the driver of a cold start no longer imports PyTorch at all."""
+
+    def __enter__(self):
         from ray.train.torch.config import TorchConfigContextManager
 
-        return TorchConfigContextManager
+        self._context = TorchConfigContextManager()
+        return self._context.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._context.__exit__(*exc_info)
 
     @property
     def framework(self):
