@@ -87,7 +87,8 @@ def _fail_on_spec_error(exc: SpecError) -> None:
 
 def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True, check_memory: bool = False,
              start_early=None):
-    """spec -> plan, in the driver; the project folder is importable as with `python -m`.
+    """spec -> plan, in the driver (or, on a cold start, in a worker process); the project folder is importable
+    as with `python -m`.
 
     `start_early(spec, source)` may start something (local Ray) once the spec is valid, to run while the model is
     imported and planned; it is returned third, and cancelled if the job is refused after all."""
@@ -101,14 +102,28 @@ def _prepare(job: Path, overrides: list[str] | None, check_fit: bool = True, che
     try:
         spec = load_spec(job, overrides or [])
         started = start_early(spec, source) if start_early else None
-        _check_classes(spec, source, started)
-        return spec, build_plan(spec, source, check_fit=check_fit, check_memory=check_memory), started
+        facts = _model_planned_by_a_worker(started)
+        if facts is None:
+            _check_classes(spec, source, started)
+        return spec, build_plan(spec, source, check_fit=check_fit, check_memory=check_memory, facts=facts), started
     except BaseException as exc:
         if started is not None:
             started.cancel()
         if isinstance(exc, SpecError):
             _fail_on_spec_error(exc)
         raise
+
+
+def _model_planned_by_a_worker(started):
+    """On a cold start: the model's plan, made by a process prestarted for the job (worker_plan.py); else None."""
+    worker_plan = getattr(started, "worker_plan", None)
+    if worker_plan is None:
+        return None
+    from orchestrator.launch import import_trainer, interrupt_on_sigterm
+
+    started.wait()
+    interrupt_on_sigterm()  # over the handler ray.init put on SIGTERM in its thread (see launch.submit)
+    return worker_plan.facts(started, meanwhile=import_trainer)
 
 
 def _check_classes(spec, source: str, started) -> None:

@@ -46,7 +46,7 @@ def worker_env(project_dir: Path, verbose: bool) -> dict[str, str]:
         # so a report waits up to 2 s for the previous one to be taken: checkpoints of short epochs stall.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
         # MLflow's client retries a dead server for minutes inside one call; the metric sender retries on its
-        # own (tracking/logger.py), so a call fails fast and the metrics go out soon after the server is back.
+        # own (tracking/sender.py), so a call fails fast and the metrics go out soon after the server is back.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
         # Processes prestarted with this environment import what the job's actors need (preload.py); Ray Train's
@@ -115,8 +115,10 @@ class LocalRayStart:
     ties to the *thread* that spawned them, so they would be killed the moment a finished starter thread exits.
     """
 
-    def __init__(self, verbose: bool, prestart: Callable[[], object] | None = None):
-        """`prestart`: called in the thread once Ray is up (warm_pool.prestart_for_this_job), best effort."""
+    def __init__(self, verbose: bool, prestart: Callable[[], object] | None = None, worker_plan=None):
+        """`prestart`: called in the thread once Ray is up (warm_pool.prestart_for_this_job), best effort;
+        `worker_plan`: the model's plan, asked of those processes (worker_plan.WorkerPlan), for the driver."""
+        self.worker_plan = worker_plan
         quiet_ray_environment(verbose)
         if prestart is not None:
             from orchestrator.warm_pool import warm_pool_env
@@ -147,6 +149,10 @@ class LocalRayStart:
         if self._prestart is not None:
             self._prestart()  # must not raise: this thread has to live on (above)
         self._released.wait()  # until disconnect(): Ray's daemons live as long as this thread
+
+    def starter_alive(self) -> bool:
+        """Whether the starter thread still runs (it does until Ray is shut down, unless Ray failed in it)."""
+        return self._thread.is_alive()
 
     def settle(self) -> None:
         """Until Ray is up or failed to start."""

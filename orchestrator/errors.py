@@ -33,6 +33,9 @@ class SpecError(Exception):
         self.problems = list(problems)
         super().__init__("\n".join(p.render() for p in self.problems))
 
+    def __reduce__(self):  # pickled with its problems: a worker process's plan sends it to the driver
+        return type(self), (self.problems,)
+
 
 class ResourceError(SpecError):
     """The job asks for more than the cluster can ever offer."""

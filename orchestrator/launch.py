@@ -46,6 +46,7 @@ def run_tags(spec: JobSpec, plan: Plan, source: str) -> dict[str, str]:
         "orch.accelerator": plan.accelerator,
         "orch.precision": spec.trainer.precision,
         "orch.spec_file": source,
+        "orch.planned_by": plan.planned_by,  # the driver, or on a cold start a worker process (worker_plan.py)
         "orch.job_name": spec.name,
         "mlflow.source.name": "orch submit",
         **spec.tracking.tags,
@@ -81,6 +82,8 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     GPUs asked for, the tracking store answers, and the model and data classes are found in their modules'
     sources (an init_args mistake is found only by importing them: then Ray is stopped again, cli.py).
     Returns None where Ray must not start yet: a cluster address, or a class path that looks wrong.
+    The processes prestarted for the job also plan its model (worker_plan.py) unless ORCH_COLD_PRESTART=0 (no
+    prestart) or ORCH_PLAN_IN_DRIVER=1 (for an A/B: the driver imports Lightning and plans, as before).
     """
     from orchestrator.classpath import looks_importable
     from orchestrator.cluster import LocalRayStart, requested_address
@@ -98,8 +101,23 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     check_tracking(tracking_uri)
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray", highlight=False)
     interrupt_on_sigterm()  # ray.init off the main thread installs no SIGTERM handler of its own
-    return LocalRayStart(verbose, prestart=None if os.environ.get("ORCH_COLD_PRESTART") == "0" else
-                         functools.partial(prestart_for_this_job, spec.scaling.num_workers, tracking_uri))
+    if os.environ.get("ORCH_COLD_PRESTART") == "0":
+        return LocalRayStart(verbose)
+    from orchestrator.plan import offered_resources
+    from orchestrator.worker_plan import WorkerPlan
+
+    # The model is planned by the first prestarted worker process to have imported Lightning, not in this one.
+    worker_plan = None if os.environ.get("ORCH_PLAN_IN_DRIVER") == "1" else \
+        WorkerPlan(spec, source, offered_resources(spec))
+    prestart = functools.partial(prestart_for_this_job, spec.scaling.num_workers, tracking_uri)
+    return LocalRayStart(verbose, prestart=worker_plan.asking_with(prestart) if worker_plan else prestart,
+                         worker_plan=worker_plan)
+
+
+def import_trainer() -> None:
+    """What building the trainer imports (Ray Train, with Ray Data and pandas: ~0.6 s of CPU on a small machine):
+    for a driver that waits anyway, so that the launch does not wait for it after the plan."""
+    import orchestrator.lean_train  # noqa: F401
 
 
 def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bool = False,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ class Plan:
     offered: dict[str, Any] | None
     model_summary: str = field(repr=False, default="")
     strategy_options: dict[str, Any] = field(default_factory=dict)  # as the worker will build the strategy
+    planned_by: str = "driver"  # where the model was built and planned (ModelFacts)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -50,47 +53,77 @@ class Plan:
         return data
 
 
-def build_plan(spec: JobSpec, source: str, check_fit: bool = True, check_memory: bool = False) -> Plan:
-    """Raise ResourceError when the request can never be met on the local machine, or (check_memory) when
-    the estimated peak memory per worker exceeds what a worker is offered."""
-    model = _meta_model(spec)
+@dataclass
+class ModelFacts:
+    """What the plan learns by building the model (on the meta device): the part that needs PyTorch and Lightning.
+
+    Made by plan_model(), in the driver or, on a cold start of the local default, in a worker process that
+    imports Lightning anyway (worker_plan.py); plain data, so that it pickles across processes."""
+    parameters: ParameterCounts
+    memory: MemoryEstimate
+    model_summary: str
+    strategy_options: dict[str, Any]
+    planned_by: str = "driver"  # or "worker process <pid>"
+
+
+def plan_model(spec: JobSpec, source: str, offered: dict[str, Any] | None) -> ModelFacts:
+    """Check the model's and data's classes and init_args, then build the model on the meta device and plan it."""
+    from orchestrator.classpath import check_spec_classes
+    from orchestrator.fit import plan_memory
+
+    check_spec_classes(spec, source)
+    model = _meta_model(spec, source)
     counts = count_parameters(model, spec.trainer.precision)
-    accelerator = "gpu" if spec.scaling.use_gpu else "cpu"
-    per_worker = {"CPU": spec.scaling.cpus_per_worker}
-    if spec.scaling.use_gpu:
-        per_worker["GPU"] = spec.scaling.gpus_per_worker
+    summary, strategy_options = _summary(model), _strategy_options(spec, model, source)
+    memory = plan_memory(spec, model, offered)  # last: it turns the meta model's tensors into fake ones
+    return ModelFacts(counts, memory, summary, strategy_options)
+
+
+def offered_resources(spec: JobSpec) -> dict[str, Any] | None:
+    """What the local machine offers a job of the local default (None for a named cluster: asked of it later)."""
+    from orchestrator.cluster import requested_address
+
+    if requested_address(spec.cluster.address) is not None:
+        return None
+    machine = local_resources()
+    return {"CPU": machine.cpus, "GPU": machine.gpus, "gpu_names": list(machine.gpu_names),
+            "memory_bytes": machine.memory_bytes}
+
+
+def build_plan(spec: JobSpec, source: str, check_fit: bool = True, check_memory: bool = False,
+               facts: ModelFacts | None = None) -> Plan:
+    """Raise ResourceError when the request can never be met on the local machine, or (check_memory) when
+    the estimated peak memory per worker exceeds what a worker is offered. `facts`: the model already planned
+    elsewhere (worker_plan.py); else it is planned here, which imports the user's classes and Lightning."""
     from orchestrator.cluster import requested_address
 
     address = requested_address(spec.cluster.address)
-    offered = None
-    if address is None:
-        machine = local_resources()
-        offered = {"CPU": machine.cpus, "GPU": machine.gpus, "gpu_names": list(machine.gpu_names),
-                   "memory_bytes": machine.memory_bytes}
-        if check_fit:
-            check_local_fit(spec, source, machine)
-    summary, strategy_options = _summary(model), _strategy_options(spec, model, source)
-    from orchestrator.fit import plan_memory
-
-    memory = plan_memory(spec, model, offered)  # last: it turns the meta model's tensors into fake ones
-    if check_memory and memory.fits is False:
-        raise ResourceError([Problem(source, "scaling", _does_not_fit(memory))])
+    offered = offered_resources(spec)
+    if offered is not None and check_fit:
+        check_local_fit(spec, source)
+    facts = facts or plan_model(spec, source, offered)
+    per_worker = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        per_worker["GPU"] = spec.scaling.gpus_per_worker
+    if check_memory and facts.memory.fits is False:
+        raise ResourceError([Problem(source, "scaling", _does_not_fit(facts.memory))])
     return Plan(
         source=source,
         spec=spec.model_dump(mode="json"),
         world_size=spec.world_size,
-        accelerator=accelerator,
+        accelerator="gpu" if spec.scaling.use_gpu else "cpu",
         resources_per_worker=per_worker,
         placement=spec.scaling.placement,
         strategy=spec.scaling.strategy,
         cluster=address or "local (in-process Ray on 127.0.0.1)",
         tracking_uri=resolve_tracking_uri(spec.tracking.uri),
         storage_path=storage_path(spec),
-        parameters=counts,
-        memory=memory,
+        parameters=facts.parameters,
+        memory=facts.memory,
         offered=offered,
-        model_summary=summary,
-        strategy_options=strategy_options,
+        model_summary=facts.model_summary,
+        strategy_options=facts.strategy_options,
+        planned_by=facts.planned_by,
     )
 
 
@@ -104,14 +137,24 @@ def storage_path(spec: JobSpec) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def _meta_model(spec: JobSpec):
-    """Build the model with no memory behind its tensors, however large it is."""
+def _meta_model(spec: JobSpec, source: str):
+    """Build the model with no memory behind its tensors, however large it is; the model's own error in doing
+    so is the spec's (its init_args), reported where it was raised rather than as a traceback of ours."""
     import torch
 
     from orchestrator.classpath import instantiate
 
-    with torch.device("meta"):
-        return instantiate(spec.model.model_dump())
+    try:
+        with torch.device("meta"):
+            return instantiate(spec.model.model_dump())
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        module = sys.modules.get(spec.model.class_path.rpartition(".")[0])
+        in_module = [f for f in frames if f.filename == getattr(module, "__file__", None)]
+        frame = (in_module or frames)[-1]  # the model's own line, rather than the library's that raised
+        raise SpecError([Problem(source, "model", (
+            f"building {spec.model.class_path} with its init_args failed: {type(exc).__name__}: {exc} "
+            f"(raised at {frame.filename}:{frame.lineno})"))]) from exc
 
 
 def count_parameters(model, precision: str) -> ParameterCounts:

@@ -59,6 +59,9 @@ CASES = {
                                ["model.init_args.chanels", "does not accept 'chanels'", "did you mean 'channels'"]),
     "init_args wrong type": (digits_with(_set("model.init_args.channels", "many")), [],
                              ["model.init_args.channels", "got 'many'"]),
+    "model raises while built": (digits_with(_set("model.init_args.channels", -3)), [],
+                                 ["model: building jobs.digits.DigitsCNN with its init_args failed",
+                                  "negative dimension -3", "jobs/digits.py:"]),
     "override of a missing field": (DIGITS, ["trainer.max_epoch=3"],
                                     ["override 'trainer.max_epoch=3'", "no field 'max_epoch'",
                                      "did you mean 'max_epochs'"]),
@@ -127,11 +130,12 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path, orch_env):
 
 
 @pytest.mark.parametrize("case, ray_started", [("class_path does not import", False), ("module does not import", False),
-                                               ("init_args not accepted", True)])
+                                               ("init_args not accepted", True), ("model raises while built", True)])
 def test_local_default_starts_ray_only_for_classes_it_found_and_stops_it_on_a_refusal(case, ray_started, tmp_path,
                                                                                          orch_env, tracking_uri):
     """Local Ray starts while the model is imported and planned (launch.start_local_ray_early), once the classes
-    are found in their modules' sources; a mistake only the import finds stops it again, leaving no process."""
+    are found in their modules' sources; a mistake only the import finds stops it again, leaving no process.
+    There the model is planned in a worker process (worker_plan.py), which sends the same error back."""
     import tempfile
 
     import psutil

@@ -55,6 +55,8 @@ def test_digits_default_spec_trains_and_records_everything(orch_env, tracking_ur
     # Both workers took a process prestarted while the driver planned (warm_pool.prestart_for_this_job): Ray
     # matched the runtime environment the driver predicted for them, byte for byte.
     assert run.data.metrics["orch/warm_workers"] == 2, output
+    # One of them planned the model (worker_plan.py): the driver of a cold start imports no Lightning.
+    assert run.data.tags["orch.planned_by"].startswith("worker process "), run.data.tags
 
     # The default spec must reach 95 % validation accuracy.
     assert run.data.metrics["val/acc"] >= 0.95, run.data.metrics
@@ -132,10 +134,14 @@ def test_user_module_outside_jobs_with_overrides(cluster_env, tracking_uri, tmp_
 
 def test_verbose_shows_what_every_process_says_on_the_local_default(orch_env, tracking_uri, tmp_path):
     """--verbose is the way to see everything: Ray's own lines and each worker's output, which the local default
-    otherwise keeps out of the terminal (its log monitor then rescans for new files only every 5 s, cluster.py)."""
+    otherwise keeps out of the terminal (no log monitor runs there then, cluster.py).
+
+    Also a cold start of a user's project outside jobs/: its model is planned in a prestarted worker process
+    (worker_plan.py), which finds the project's module as the driver would, and the driver itself never imports
+    PyTorch or Lightning (Python's own import log, which only the driver writes to this terminal unlabelled)."""
     project = copy_user_project(tmp_path)
     result = run_orch(["submit", "job.yaml", "--verbose", "trainer.max_epochs=1", "scaling.num_workers=1"],
-                      env=orch_env, cwd=project, timeout=300)
+                      env={**orch_env, "PYTHONPROFILEIMPORTTIME": "1"}, cwd=project, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Started a local Ray instance" in output, output
@@ -143,6 +149,12 @@ def test_verbose_shows_what_every_process_says_on_the_local_default(orch_env, tr
     assert any("[rank 0 @ " in line and "`Trainer.fit` stopped" in line for line in worker_lines), output
     _, run = only_run(tracking_uri, "user-project")
     assert run.info.status == "FINISHED"
+    assert run.data.tags["orch.planned_by"].startswith("worker process "), run.data.tags
+    assert run.data.metrics["model/params_total"] > 0
+    driver_imports = [line.rpartition("|")[2].strip() for line in result.stderr.splitlines()
+                      if line.startswith("import time:")]
+    assert "ray.train" in driver_imports, result.stderr[-2000:]  # (the import log is there to read)
+    assert not {"torch", "lightning", "lightning.pytorch"} & set(driver_imports)
 
 
 def test_a_failing_job_is_marked_failed_with_its_error(cluster_env, tracking_uri, tmp_path):
