@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -87,8 +86,10 @@ def connect(address: str | None, verbose: bool, project_dir: Path | None = None)
     common = dict(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=log_to_driver,
                   configure_logging=True, runtime_env={"env_vars": worker_env(project_dir or Path.cwd(), verbose)})
     if address is None:
+        from orchestrator.local_ray import lean_head_node, lean_local_ray
+
         lean_local_ray()
-        with _head_without_idle_services(log_monitor=log_to_driver):
+        with lean_head_node(log_monitor=log_to_driver):
             ray.init(
                 address="local",
                 _node_ip_address=LOOPBACK,
@@ -186,69 +187,6 @@ _starter_released: threading.Event | None = None  # set to let LocalRayStart's t
 class _NotMainThreadFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "not the main thread" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _head_without_idle_services(log_monitor: bool):
-    """ray.init for the in-process cluster, without the head's Python services that serve nothing there.
-
-    - the API server: with include_dashboard=False it still starts, loading only Ray's usage-stats module (the
-      job and state APIs are not loaded either, ray/_private/services.py), and ray.init waits for it to post its
-      address before it even starts the raylet: ~0.9 s of every cold start, and ~0.7 s of CPU;
-    - the autoscaler's monitor: it scales clusters that a cloud or KubeRay config describes; this one has none,
-      never grows, and Ray Train's requests to it are left out too (lean_train); ~0.35 s of CPU, then a poll;
-    - unless the driver shows the workers' output (--verbose, log_to_driver), the log monitor, which publishes
-      the workers' log lines to drivers and to nobody else: ~0.3 s of CPU, then a rescan of the log folder.
-    RayParams has switches for the last two (no_monitor, include_log_monitor) that ray.init does not pass on,
-    and none for the first, so the head node's methods that start them are stood in for while ray.init runs;
-    the cluster's own work (GCS, raylet, the agents) and every other cluster, joined or started by `orch
-    cluster up`, are untouched. `ray.init` is called from one thread at a time (Ray's connect lock)."""
-    from ray._private.node import Node
-
-    def skipped(self, *args, **kwargs) -> None:
-        return None
-
-    names = ["start_api_server", "start_monitor"] + ([] if log_monitor else ["start_log_monitor"])
-    originals = {name: Node.__dict__[name] for name in names}
-    for name in names:
-        setattr(Node, name, skipped)
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(Node, name, original)
-
-
-def lean_local_ray() -> None:
-    """Ray Train's helpers and Ray's chores that serve long-lived shared clusters, off for the cluster this process
-    starts and ends.
-
-    Each is one more Python process (about a second of CPU to start on a small machine, all before the first
-    step) and none can act here: the preemption watcher looks for nodes being drained, which an in-process
-    cluster never is; Ray Train's Prometheus metrics need the dashboard's agent to be exported. The Ray
-    Datasets manager and the autoscaling coordinator are left out by the trainer (lean_train.OrchTorchTrainer),
-    as is the placement group cleaner on every cluster. Set
-    before the trainer is built: the driver reads them and Ray Train hands them on to its controller.
-    """
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-    # The raylet starts one idle process per CPU when the first driver connects, for tasks with no runtime
-    # environment; every actor of ours has one (cluster.worker_env), so they would only take CPU from start-up.
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    # Two of Ray's own background chores that nothing reads on this cluster, yet run beside two training ranks
-    # that fill a small machine's cores (measured per process in steady 2-worker training on 2 cores, README):
-    # - Ray's metrics: every process records them and exports them through the dashboard agent every 10 s, for
-    #   a Prometheus that scrapes the dashboard, which this cluster does not run (1.7 -> 0.7 % of a core in
-    #   the agent alone);
-    # - (the log monitor, which rescanned the log folder 10 times a second to publish to nobody, and the
-    #   autoscaler monitor no longer run there unless --verbose: _head_without_idle_services)
-    # - task events: every process sends the GCS what its tasks did once a second, for `ray list tasks` and the
-    #   dashboard's task pages; Ray Train's controller polls each worker 4 times a second (worker_env), and an
-    #   in-process cluster has no dashboard and ends with the job. Sent every 10 s instead, the controller, the
-    #   synchronization actor, the GCS and the driver took 1.8 % of a core less between them.
-    # Each process reads these from the environment it inherits from this one as it starts.
-    os.environ.setdefault("RAY_enable_metrics_collection", "0")
-    os.environ.setdefault("RAY_task_events_report_interval_ms", "10000")
 
 
 _started_here = False
