@@ -78,8 +78,8 @@ def lean_local_ray() -> None:
     # - Ray's metrics: every process records them and exports them through the dashboard agent every 10 s, for
     #   a Prometheus that scrapes the dashboard, which this cluster does not run (1.7 -> 0.7 % of a core in
     #   the agent alone);
-    # - (the log monitor, which rescanned the log folder 10 times a second to publish to nobody, and the
-    #   autoscaler monitor no longer run there unless --verbose: _lean_head_node)
+    # - (the autoscaler monitor no longer runs there, nor, unless --verbose, the log monitor, which rescanned the
+    #   log folder 10 times a second to publish to nobody: lean_head_node)
     # - task events: every process sends the GCS what its tasks did once a second, for `ray list tasks` and the
     #   dashboard's task pages; Ray Train's controller polls each worker 4 times a second (worker_env), and an
     #   in-process cluster has no dashboard and ends with the job. Sent every 10 s instead, the controller, the
