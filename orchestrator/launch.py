@@ -88,6 +88,7 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     from orchestrator.classpath import looks_importable
     from orchestrator.cluster import LocalRayStart, requested_address
     from orchestrator.plan import check_local_fit
+    from orchestrator.resources import local_resources
     from orchestrator.tracking.run import check_tracking
     from orchestrator.tracking.uri import resolve_tracking_uri
     from orchestrator.warm_pool import prestart_for_this_job
@@ -96,7 +97,8 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
         return None
     if not (looks_importable(spec.model.class_path) and looks_importable(spec.data.class_path)):
         return None  # the real check reports it, with Ray never started
-    check_local_fit(spec, source)
+    machine = local_resources()
+    check_local_fit(spec, source, machine)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     check_tracking(tracking_uri)
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] starting Ray", highlight=False)
@@ -108,7 +110,7 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
 
     # The model is planned by the first prestarted worker process to have imported Lightning, not in this one.
     worker_plan = None if os.environ.get("ORCH_PLAN_IN_DRIVER") == "1" else \
-        WorkerPlan(spec, source, offered_resources(spec))
+        WorkerPlan(spec, source, offered_resources(machine))
     prestart = functools.partial(prestart_for_this_job, spec.scaling.num_workers, tracking_uri)
     return LocalRayStart(verbose, prestart=worker_plan.asking_with(prestart) if worker_plan else prestart,
                          worker_plan=worker_plan)

@@ -66,12 +66,14 @@ class ModelFacts:
     planned_by: str = "driver"  # or "worker process <pid>"
 
 
-def plan_model(spec: JobSpec, source: str, offered: dict[str, Any] | None) -> ModelFacts:
-    """Check the model's and data's classes and init_args, then build the model on the meta device and plan it."""
+def plan_model(spec: JobSpec, source: str, offered: dict[str, Any] | None, check_classes: bool = True) -> ModelFacts:
+    """Build the model on the meta device and plan it; first (check_classes) check the model's and data's classes
+    and init_args, which the driver's own path does beforehand (cli._check_classes, with its import retry)."""
     from orchestrator.classpath import check_spec_classes
     from orchestrator.fit import plan_memory
 
-    check_spec_classes(spec, source)
+    if check_classes:
+        check_spec_classes(spec, source)
     model = _meta_model(spec, source)
     counts = count_parameters(model, spec.trainer.precision)
     summary, strategy_options = _summary(model), _strategy_options(spec, model, source)
@@ -79,13 +81,8 @@ def plan_model(spec: JobSpec, source: str, offered: dict[str, Any] | None) -> Mo
     return ModelFacts(counts, memory, summary, strategy_options)
 
 
-def offered_resources(spec: JobSpec) -> dict[str, Any] | None:
-    """What the local machine offers a job of the local default (None for a named cluster: asked of it later)."""
-    from orchestrator.cluster import requested_address
-
-    if requested_address(spec.cluster.address) is not None:
-        return None
-    machine = local_resources()
+def offered_resources(machine: MachineResources) -> dict[str, Any]:
+    """What the local machine offers a job of the local default, as the plan records it."""
     return {"CPU": machine.cpus, "GPU": machine.gpus, "gpu_names": list(machine.gpu_names),
             "memory_bytes": machine.memory_bytes}
 
@@ -98,10 +95,11 @@ def build_plan(spec: JobSpec, source: str, check_fit: bool = True, check_memory:
     from orchestrator.cluster import requested_address
 
     address = requested_address(spec.cluster.address)
-    offered = offered_resources(spec)
-    if offered is not None and check_fit:
-        check_local_fit(spec, source)
-    facts = facts or plan_model(spec, source, offered)
+    machine = local_resources() if address is None else None  # a named cluster is asked later, once joined
+    if machine is not None and check_fit:
+        check_local_fit(spec, source, machine)
+    offered = offered_resources(machine) if machine is not None else None
+    facts = facts or plan_model(spec, source, offered, check_classes=False)
     per_worker = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
         per_worker["GPU"] = spec.scaling.gpus_per_worker

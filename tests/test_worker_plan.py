@@ -15,6 +15,7 @@ from orchestrator import worker_plan
 from orchestrator.errors import SpecError
 from orchestrator.loader import load_spec
 from orchestrator.plan import ModelFacts, offered_resources
+from orchestrator.resources import local_resources
 
 DIGITS = REPO / "jobs" / "digits.yaml"
 
@@ -40,7 +41,7 @@ def kv(ray_address):
 
 def _ask(overrides: list[str], processes: int = 2) -> worker_plan.WorkerPlan:
     spec = load_spec(DIGITS, overrides)
-    plan = worker_plan.WorkerPlan(spec, str(DIGITS), offered_resources(spec))
+    plan = worker_plan.WorkerPlan(spec, str(DIGITS), offered_resources(local_resources()))
     assert plan.asking_with(lambda: processes)() == processes  # the request is posted, then the "prestart"
     return plan
 
