@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from orchestrator.plan import Plan
 from orchestrator.spec import JobSpec
+from orchestrator.tracking.relay import MetricRelay, relay_prefix
 
 
 @dataclass
@@ -201,7 +202,9 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             record = _wait(opening, meanwhile=poll_board)
             interrupted = first
         pool.shutdown(wait=False)
-        fit.board.update({"run_id": record.run_id})
+        # The workers' metrics come through this process (tracking/relay.py): from now on they can be logged.
+        relay = MetricRelay(relay_prefix(fit.board), plan.tracking_uri, resumed=resume is not None).start()
+        fit.board.update({"run_start_ms": record.start_time_ms, "run_id": record.run_id})  # run_id last: workers
         run_open_s = time.time() - marks["launch"]  # while the workers started: not one of the phases
     except BaseException as exc:
         if view is not None:
@@ -222,6 +225,7 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             record.set_tags(resume.tags())
         record.set_tags({"orch.driver_pid": str(os.getpid()), "orch.project_dir": str(Path.cwd())})
         result, timings = _follow(spec, plan, fit, record, view, timings, started_at, resume, marks, interrupted)
+        relay.stop()  # the workers waited for their metrics to be logged; anything left goes before the status
         outcome.timings = {"ray_ready_s": ray_ready_s, "run_open_s": run_open_s, **timings}
         _collect(outcome, result, spec)
         _record_outcome(record, outcome, step=resume.session if resume else 0)
@@ -232,14 +236,17 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
 
         outcome.status = "KILLED"
         with signals_held():
+            relay.stop(timeout_s=10.0)
             outcome.error = _record_stop(record, outcome, exc, spec, step=resume.session if resume else 0)
             record.finish("KILLED", outcome.error)
     except BaseException as exc:
         outcome.status = "FAILED"
+        relay.stop(timeout_s=10.0)
         outcome.error = _describe_failure(exc, record.run_id)
         record.finish("FAILED", outcome.error)
     finally:
         view.close()  # _follow closed it, unless what came before _follow failed
+        _close_relay(relay)
         _close_board(fit)
         try:
             if not started_here():  # a cluster that lives on: warm processes for the next job, where it keeps them
@@ -248,6 +255,15 @@ def submit(spec: JobSpec, plan: Plan, source: str, console: Console, verbose: bo
             disconnect()
             _wait_for_fit_thread()
     return outcome
+
+
+def _close_relay(relay: MetricRelay) -> None:
+    """A stop once more (it drains what is left; a second Ctrl-C may have cut the first short), then delete."""
+    try:
+        relay.stop(timeout_s=5.0)
+        relay.close()
+    except Exception:  # the cluster, and its store, went first
+        pass
 
 
 def _close_board(fit: _StartedFit | None) -> None:

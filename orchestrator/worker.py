@@ -34,6 +34,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from orchestrator.faults import FaultGuard, StopRequested, restored_metrics
     from orchestrator.spec import JobSpec
     from orchestrator.tracking.logger import MLflowRunLogger
+    from orchestrator.tracking.relay import RelaySink
 
     spec = JobSpec.model_validate(config["spec"])
     if not config.get("verbose"):
@@ -51,8 +52,10 @@ def train_loop(config: dict[str, Any]) -> None:
     prepare_model(spec, model)  # activation checkpointing and torch.compile, per the spec
     restored = ray.train.get_checkpoint()  # a restarted attempt, or `orch resume`
     run_id = config.get("run_id") or RunIdFromBoard(config["board"])  # the driver opens the run meanwhile
+    relay = RelaySink(config["board"]) if config.get("board") is not None else None  # the driver logs (relay.py)
     logger = MLflowRunLogger(config["tracking_uri"], run_id, resumed=restored is not None,
-                             replay=restored_metrics(restored) if context.get_world_rank() == 0 else None)
+                             replay=restored_metrics(restored) if context.get_world_rank() == 0 else None,
+                             relay=relay)
     reporter = RayCheckpointReporter(spec.checkpoint.every_n_epochs, spec.checkpoint.every_n_train_steps)
     callbacks: list[pl.Callback] = [
         reporter,
@@ -66,7 +69,7 @@ def train_loop(config: dict[str, Any]) -> None:
     callbacks += scale_callbacks(spec)
     from orchestrator.tracking.throughput import telemetry_callbacks
 
-    callbacks += telemetry_callbacks(spec.tracking, config["tracking_uri"], run_id)
+    callbacks += telemetry_callbacks(spec.tracking, config["tracking_uri"], run_id, relay)
 
     trainer = pl.Trainer(
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",

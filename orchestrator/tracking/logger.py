@@ -20,8 +20,10 @@ from orchestrator.tracking.sender import MetricSender, RunId, resolve_run_id
 class MLflowRunLogger(Logger):
     """A Lightning logger that writes into an existing run and leaves its status to the driver."""
 
-    def __init__(self, tracking_uri: str, run_id: RunId, resumed: bool = False, replay: list | None = None):
+    def __init__(self, tracking_uri: str, run_id: RunId, resumed: bool = False, replay: list | None = None,
+                 relay=None):
         super().__init__()
+        self._relay = relay  # relay.RelaySink: the driver logs the batches
         self._tracking_uri = tracking_uri
         self._run_id = run_id
         self._resumed = resumed
@@ -41,7 +43,7 @@ class MLflowRunLogger(Logger):
     @rank_zero_experiment
     def experiment(self) -> MetricSender:
         if self._sender is None:
-            self._sender = MetricSender(self._tracking_uri, self._run_id, resumed=self._resumed)
+            self._sender = MetricSender(self._tracking_uri, self._run_id, resumed=self._resumed, relay=self._relay)
             self.gate = MetricGate(self._sender)
             self.gate.replay(self._replay)  # what the restored checkpoint carried that MLflow may lack
         return self._sender
@@ -50,6 +52,11 @@ class MLflowRunLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.experiment  # noqa: B018 - creates the sender and gate on first use
         self.gate.add(metrics, step or 0)
+
+    @rank_zero_only
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags for the run, sent with the metrics (the throughput summary's)."""
+        self.experiment.set_tags(tags)
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:

@@ -27,10 +27,11 @@ class NodeSampling:
     throughput monitor (one callback) drives it; `SystemMetricsCallback` does when throughput is switched off.
     """
 
-    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float):
+    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float, relay=None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.interval_s = interval_s
+        self.relay = relay  # relay.RelaySink: the driver logs the samples
         self.sampler: SystemSampler | None = None
 
     def start(self, trainer: pl.Trainer) -> None:
@@ -44,7 +45,8 @@ class NodeSampling:
         try:
             from orchestrator.tracking.sender import MetricSender
 
-            sender = MetricSender(self.tracking_uri, self.run_id, interval_s=max(FLUSH_EVERY_S, self.interval_s))
+            sender = MetricSender(self.tracking_uri, self.run_id, interval_s=max(FLUSH_EVERY_S, self.interval_s),
+                                  relay=self.relay)
             self.sampler = SystemSampler(sender, node_label(me, everyone), self.interval_s,
                                          pids=[peer["pid"] for peer in mine],
                                          gpus=[peer["gpu"] for peer in mine if peer["gpu"]])
@@ -62,8 +64,8 @@ class NodeSampling:
 class SystemMetricsCallback(pl.Callback):
     """Hardware sampling alone, for jobs with `tracking.throughput: false`."""
 
-    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float):
-        self.sampling = NodeSampling(tracking_uri, run_id, interval_s)
+    def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float, relay=None):
+        self.sampling = NodeSampling(tracking_uri, run_id, interval_s, relay)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -88,6 +88,7 @@ class RunRecord:
             raise TrackingUnavailable(f"cannot open an MLflow run at {redact(tracking_uri)}: {exc.message}") from None
         self.run_id = run.info.run_id
         self.run_name = run.info.run_name
+        self.start_time_ms = run.info.start_time  # the workers' hardware samples count their steps from it
 
     def _experiment_id(self, name: str) -> str:
         """The experiment's id, creating it if it is new. Two drivers starting at once (a user's sweep) may both
@@ -113,6 +114,7 @@ class RunRecord:
         record.tracking_uri = tracking_uri
         run = record.client.get_run(run_id)
         record.experiment_id, record.run_id, record.run_name = run.info.experiment_id, run_id, run.info.run_name
+        record.start_time_ms = run.info.start_time
         record.client.update_run(run_id, status="RUNNING")
         if "orch.error" in run.data.tags:  # how it ended before is kept in orch.resume.<n>.after
             record.client.delete_tag(run_id, "orch.error")

@@ -1,12 +1,13 @@
 """Rank 0's metrics into the driver's MLflow run, sent in batches from a background thread (no Lightning here).
 
 Apart from the Lightning logger (logger.py) because the driver uses the sender too (recovery.AttemptLog), and a
-cold start's driver imports no Lightning at all: the model is planned in a worker process (remote_plan.py).
+cold start's driver imports no Lightning at all: the model is planned in a worker process (worker_plan.py).
 
-MLflow itself is imported off the training thread (by the sender's thread, or a node sampler's), through
-import_mlflow(): importing it and opening a store costs rank 0 ~2 s of CPU (mlflow ~1.1 s, the SQL store's schema
-check ~0.9 s on a small machine), and on the training thread that stood between the end of set-up and the first
-step while every other rank waited at the first collective.
+In a job's workers the batches go to the driver, which logs them (relay.py), and the worker never imports MLflow.
+Without a relay MLflow is imported off the training thread (by the sender's thread, or a node sampler's), through
+import_mlflow(): importing it and opening a store costs ~2 s of CPU (mlflow ~1.1 s, the SQL store's schema check
+~0.9 s on a small machine), and on the training thread that stood between the end of set-up and the first step
+while every other rank waited at the first collective.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ class MetricSender:
     """
 
     def __init__(self, tracking_uri: str, run_id: RunId, interval_s: float = 1.0, max_buffered: int = 200_000,
-                 resumed: bool = False):
+                 resumed: bool = False, relay=None):
         self.tracking_uri = tracking_uri
+        # A worker of a job with a driver hands its batches to the driver, which logs them (relay.py); this
+        # process then never imports MLflow. Without a relay (the driver's own senders, tests) it logs itself.
+        self._relay = relay
         self._client = None
         self._client_lock = threading.Lock()
         self._run_id = run_id
@@ -99,6 +103,13 @@ class MetricSender:
     def run_id(self) -> str:
         """Asked for only where MLflow is called (this sender's thread, the sampler's): waiting there costs no step."""
         return resolve_run_id(self._run_id)
+
+    def run_start_s(self) -> float:
+        """When the run started, in seconds since the epoch (a node sampler's steps count from it)."""
+        run_id = self.run_id  # first: the run is open (and the driver has posted its start with the id)
+        if self._relay is not None:
+            return self._relay.run_start_ms() / 1000
+        return self.client.get_run(run_id).info.start_time / 1000
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         now = timestamp_ms or int(time.time() * 1000)
@@ -159,9 +170,6 @@ class MetricSender:
         self._drained.set()
 
     def _send_all(self) -> bool:
-        entities = import_mlflow().entities
-        Metric, RunTag = entities.Metric, entities.RunTag  # noqa: N806 - MLflow's class names
-
         while True:
             with self._lock:
                 batch = [self._buffer[i] for i in range(min(BATCH_LIMIT, len(self._buffer)))]
@@ -173,11 +181,10 @@ class MetricSender:
                 fresh = []
                 for metric in batch:
                     if metric.step > last_step.get(metric.key, -1):
-                        fresh.append(Metric(metric.key, metric.value, metric.timestamp, metric.step))
+                        fresh.append(metric)
                         last_step[metric.key] = metric.step
                 if fresh or tags:
-                    self.client.log_batch(self.run_id, metrics=fresh,
-                                          tags=[RunTag(k, v) for k, v in tags.items()])
+                    self._log_batch(fresh, tags)
             except Exception as exc:  # the server may come back; keep the metrics
                 if self._failing_since is None:
                     self._failing_since = time.time()
@@ -195,10 +202,19 @@ class MetricSender:
                     if self._tags.get(key) == value:
                         del self._tags[key]
 
+    def _log_batch(self, metrics: list, tags: dict[str, str]) -> None:
+        if self._relay is not None:
+            self._relay.log_batch(self.run_id, metrics, tags)
+            return
+        entities = import_mlflow().entities
+        self.client.log_batch(self.run_id, metrics=[entities.Metric(*metric) for metric in metrics],
+                              tags=[entities.RunTag(k, v) for k, v in tags.items()])
+
     def _known_steps(self, batch: list) -> dict[str, int]:
-        """Per key, the last step MLflow holds; asked of MLflow once per key after a restart."""
+        """Per key, the last step MLflow holds; asked of MLflow once per key after a restart (through a relay, the
+        driver drops what MLflow holds already)."""
         last_step = dict(self._last_step)
-        if self._look_up_steps:
+        if self._look_up_steps and self._relay is None:
             for key in {m.key for m in batch} - set(last_step):
                 history = self.client.get_metric_history(self.run_id, key)
                 last_step[key] = max((m.step for m in history), default=-1)

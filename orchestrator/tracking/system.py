@@ -134,11 +134,11 @@ class SystemSampler:
             self._add(sampled_at, metrics)
 
     def _look_up_run_start(self) -> None:
-        """Steps count samples from the run's start, so nodes line up and a restarted worker goes on. Asked of
-        MLflow from a thread of its own: the first MLflow call of a worker imports MLflow (seconds on a busy
-        small machine), and sampling must not wait for it, or a short job is never sampled at all."""
+        """Steps count samples from the run's start, so nodes line up and a restarted worker goes on. Asked from a
+        thread of its own: it waits for the driver to open the run (and, without a relay, the first MLflow call
+        imports MLflow, seconds on a busy small machine); sampling must not wait, or a short job is never sampled."""
         try:
-            self._run_start = self.sender.client.get_run(self.sender.run_id).info.start_time / 1000
+            self._run_start = self.sender.run_start_s()
         except Exception as exc:  # the sampler's own start time stands in
             self._problem("run start time", exc)
         finally:
@@ -297,9 +297,8 @@ class SystemSampler:
         message = f"system metrics on {self.node}: {what} failed ({type(exc).__name__}: {exc}); the rest goes on"
         self.problems.append(message)
         log.warning(message)
-        try:
-            self.sender.client.set_tag(self.sender.run_id, f"orch.system_metrics.problem.{self.node}"[:250],
-                                       "; ".join(self.problems)[:5000])
+        try:  # with the samples, by their route (through the driver in a job)
+            self.sender.set_tags({f"orch.system_metrics.problem.{self.node}"[:250]: "; ".join(self.problems)[:5000]})
         except Exception:
             pass
 

@@ -213,15 +213,19 @@ class ThroughputMonitor(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(self.summary, step=trainer.global_step)
         if self.tracking_uri and self.run_id and trainer.loggers:
-            self._tag_run(everyone, stragglers)
+            self._tag_run(everyone, stragglers, trainer.loggers)
 
-    def _tag_run(self, everyone: list[dict[str, Any]], stragglers: dict[int, float]) -> None:
+    def _tag_run(self, everyone: list[dict[str, Any]], stragglers: dict[int, float], loggers) -> None:
         devices = sorted({f["device"] or "cpu" for f in everyone})
         tags = {"orch.stragglers": describe_stragglers(stragglers),
                 "orch.devices": ", ".join(f"{sum((f['device'] or 'cpu') == d for f in everyone)} x {d}"
                                           for d in devices)}
         if self.flops_source:
             tags["orch.flops_per_sample_source"] = self.flops_source
+        ours = [logger for logger in loggers if hasattr(logger, "set_tags")]  # tracking/logger.py
+        if ours:  # with the metrics, by their route (through the driver in a job): no MLflow in this process
+            ours[0].set_tags(tags)
+            return
         try:
             from orchestrator.tracking.sender import import_mlflow, resolve_run_id
 
@@ -294,14 +298,14 @@ def _peak_rss_bytes() -> float:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def telemetry_callbacks(tracking, tracking_uri: str, run_id: RunId) -> list[pl.Callback]:
-    """What the worker adds to the trainer for the spec's `tracking` section."""
+def telemetry_callbacks(tracking, tracking_uri: str, run_id: RunId, relay=None) -> list[pl.Callback]:
+    """What the worker adds to the trainer for the spec's `tracking` section; `relay`: the driver logs (relay.py)."""
     from orchestrator.tracking.nodes import NodeSampling, SystemMetricsCallback
 
     if tracking.throughput:
-        sampling = NodeSampling(tracking_uri, run_id, tracking.system_metrics_interval) \
+        sampling = NodeSampling(tracking_uri, run_id, tracking.system_metrics_interval, relay) \
             if tracking.system_metrics else None
         return [ThroughputMonitor(tracking_uri, run_id, node_sampling=sampling)]
     if tracking.system_metrics:
-        return [SystemMetricsCallback(tracking_uri, run_id, tracking.system_metrics_interval)]
+        return [SystemMetricsCallback(tracking_uri, run_id, tracking.system_metrics_interval, relay)]
     return []
