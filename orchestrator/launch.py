@@ -112,7 +112,7 @@ def start_local_ray_early(spec: JobSpec, source: str, console: Console, verbose:
     # The model is planned by the first prestarted worker process to have imported Lightning, not in this one.
     worker_plan = None if os.environ.get("ORCH_PLAN_IN_DRIVER") == "1" else \
         WorkerPlan(spec, source, offered_resources(machine))
-    prestart = functools.partial(prestart_for_this_job, spec.scaling.num_workers, tracking_uri)
+    prestart = functools.partial(prestart_for_this_job, spec.scaling.num_workers)
     return LocalRayStart(verbose, prestart=worker_plan.asking_with(prestart) if worker_plan else prestart,
                          worker_plan=worker_plan)
 
@@ -535,8 +535,8 @@ def _trainer(spec, configs, run_id, tracking_uri, board, verbose):
             failure_config=FailureConfig(**configs["failure"]),
             checkpoint_config=CheckpointConfig(**configs["checkpoint"]),
             callbacks=[AttemptRecorder(board)],
-            # Processes kept warm for the workers import Lightning (and, between jobs, MLflow); the other actors' do not.
-            worker_runtime_env=tier_runtime_env(worker_tier(tracking_uri, cold=started_here())),
+            # Processes kept warm for the workers import Lightning; the other actors' do not.
+            worker_runtime_env=tier_runtime_env(worker_tier(cold=started_here())),
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # a job's log stays readable
         ),
     )

@@ -1,7 +1,7 @@
 """Warm worker processes kept between jobs on a cluster that asks for them: the next job skips process start-up.
 
-Ray starts a fresh Python process for every actor of a job, and each of ours then imports PyTorch, Lightning,
-Ray Train and MLflow: seconds per process before the first step, paid again by every `orch submit`. Ray Train
+Ray starts a fresh Python process for every actor of a job, and each of ours then imports PyTorch, Lightning
+and Ray Train: seconds per process before the first step, paid again by every `orch submit`. Ray Train
 has no worker reuse, and Ray keeps idle processes only for the job that started them. What Ray does offer is a
 raylet that prestarts processes bound to no job, for a given runtime environment, kept alive for a while, and a
 hook that imports modules in every new worker process (RAY_preload_python_modules). So, on a node labelled
@@ -11,7 +11,8 @@ WARM_POOL_LABEL (`orch cluster up --local` does it, see local_cluster.py):
    controller, workers and helpers) used there, with the very runtime environment each
    had (read back from Ray's actor table);
 2. those processes start with no job, and orchestrator.preload imports in them what their tier of actor needs
-   (WARM_IMPORTS: Lightning and MLflow for Ray Train's workers, Ray Train alone for the rest);
+   (WARM_IMPORTS: Lightning for Ray Train's workers, Ray Train alone for the rest; no worker imports MLflow,
+   its metrics go through the driver: tracking/relay.py);
 3. the next job with the same environment (same project, same settings) gets them for its actors.
 
 The local default's own cluster (cold: started by `orch submit`, gone with it) has no earlier job to learn from,
@@ -36,19 +37,13 @@ WARM_POOL_LABEL = "orch.io/warm-pool-s"  # on a node: keep warm processes this m
 # Not orchestrator's own modules: a process kept warm across an upgrade of orch would run the old code.
 TIER_ENV_VAR = "ORCH_WARM"  # in an actor's environment: which WARM_IMPORTS a process kept for it imports
 WORKER_TIER = "worker"  # Ray Train's workers (launch.py sets it in RunConfig.worker_runtime_env)
-SQLITE_WORKER_TIER = "worker-sqlite"  # the same, for a job whose MLflow store is a sqlite file (worker_tier())
 JOB_TIER = "job"  # Ray Train's controller and helpers (cluster.worker_env sets it for the whole job)
 COLD_WORKER_TIER = "worker-cold"  # Ray Train's workers on the local default's own cluster (prestart_for_this_job)
 _TRAINING_IMPORTS = ("torch", "lightning.pytorch", "ray.train.torch", "ray.train.lightning")
-_WORKER_IMPORTS = (*_TRAINING_IMPORTS, "mlflow")
 WARM_IMPORTS = {
-    WORKER_TIER: _WORKER_IMPORTS,
-    # Prestarted beside a cold start, where every CPU-second is one the start-up waits for: only what the worker
-    # needs before its first step. MLflow is imported after it, off the training thread (tracking/sender.py).
+    WORKER_TIER: _TRAINING_IMPORTS,
+    # The same imports; a tier of its own because a cold start's processes also answer its plan (worker_plan.py).
     COLD_WORKER_TIER: _TRAINING_IMPORTS,
-    # MLflow's SQL store is most of the cost of rank 0's first MLflow client (~0.6 s of CPU on a small machine,
-    # 45 MB): worth keeping warm only for jobs that write to a sqlite file rather than to a tracking server.
-    SQLITE_WORKER_TIER: (*_WORKER_IMPORTS, "mlflow.store.tracking.sqlalchemy_store"),
     # Ray Train's controller, its synchronization actor and helpers share one environment, so Ray may give any
     # of them any of these processes: all of them import Ray Train (with Ray Data and pandas, ~1.8 s of CPU on a
     # small machine), none PyTorch (lean_controller keeps it out of the controller).
@@ -58,12 +53,10 @@ WARM_IMPORTS = {
 log = logging.getLogger(__name__)
 
 
-def worker_tier(tracking_uri: str, cold: bool = False) -> str:
-    """The warm tier for Ray Train's workers of a job that tracks to `tracking_uri`; `cold`: on a cluster the
-    job's own driver started (cluster.started_here), whose processes are prestarted while it starts."""
-    if cold:
-        return COLD_WORKER_TIER
-    return SQLITE_WORKER_TIER if tracking_uri.startswith("sqlite:") else WORKER_TIER
+def worker_tier(cold: bool = False) -> str:
+    """The warm tier for Ray Train's workers; `cold`: on a cluster the job's own driver started
+    (cluster.started_here), whose processes are prestarted while it starts."""
+    return COLD_WORKER_TIER if cold else WORKER_TIER
 
 
 def tier_runtime_env(tier: str) -> dict[str, dict[str, str]]:
@@ -143,7 +136,7 @@ HELPER_ACTORS = 2
 COLD_KEEP_ALIVE_S = 600  # a prestarted process not taken by then is Ray's to reap; the local cluster ends sooner
 
 
-def prestart_for_this_job(num_workers: int, tracking_uri: str) -> int:
+def prestart_for_this_job(num_workers: int) -> int:
     """A cold start of the local default: processes for this job's actors, asked for as soon as Ray is up.
 
     Until the plan is done the driver imports Lightning on one core and the other is mostly idle (~2-3 s on a
@@ -155,13 +148,13 @@ def prestart_for_this_job(num_workers: int, tracking_uri: str) -> int:
     The local default's Ray must start with warm_pool_env(), so that its raylet preloads and starts them all.
     """
     try:
-        return _prestart_for_this_job(num_workers, tracking_uri)
+        return _prestart_for_this_job(num_workers)
     except Exception as exc:
         log.debug("warm pool: cold prestart skipped (%s: %s)", type(exc).__name__, exc)
         return 0
 
 
-def _prestart_for_this_job(num_workers: int, tracking_uri: str) -> int:
+def _prestart_for_this_job(num_workers: int) -> int:
     import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
@@ -169,7 +162,7 @@ def _prestart_for_this_job(num_workers: int, tracking_uri: str) -> int:
         return 0
     raylet = f"{nodes[0]['NodeManagerAddress']}:{nodes[0]['NodeManagerPort']}"
     helpers, workers = predicted_runtime_envs(ray.get_runtime_context().runtime_env.get("env_vars") or {},
-                                              worker_tier(tracking_uri, cold=True))
+                                              worker_tier(cold=True))
     _prestart(raylet, helpers, HELPER_ACTORS, COLD_KEEP_ALIVE_S)
     _prestart(raylet, workers, num_workers, COLD_KEEP_ALIVE_S)
     log.debug("warm pool: prestarted %d process(es) for this job", HELPER_ACTORS + num_workers)

@@ -139,13 +139,12 @@ def test_label_worker_output_covers_prints_and_existing_log_handlers(monkeypatch
 
 
 @pytest.mark.parametrize("env, imported", [
-    # Prestarted for no job, by a job of ours: warmed for the actor that had such a process.
-    ({"ORCH_WARM": "worker", "RAY_JOB_ID": "ffffffff"},
-     "torch ray.train ray.train.torch lightning.pytorch mlflow warmed"),
-    ({"ORCH_WARM": "worker-sqlite", "RAY_JOB_ID": "ffffffff"},  # a job tracking to a sqlite file: its SQL store too
-     "torch ray.train ray.train.torch lightning.pytorch mlflow mlflow.store.tracking.sqlalchemy_store warmed"),
+    # Prestarted for no job, by a job of ours: warmed for the actor that had such a process. Never MLflow: a
+    # worker's metrics go through the driver (tracking/relay.py).
+    ({"ORCH_WARM": "worker", "RAY_JOB_ID": "ffffffff"}, "torch ray.train ray.train.torch lightning.pytorch warmed"),
+    ({"ORCH_WARM": "worker-sqlite", "RAY_JOB_ID": "ffffffff"}, ""),  # an older orch's tier: it imported MLflow
     ({"ORCH_WARM": "job", "RAY_JOB_ID": "ffffffff"}, "ray.train warmed"),  # Ray Train's controller: no PyTorch
-    # Prestarted beside a cold start: what the worker needs before its first step, not MLflow (after it).
+    # Prestarted beside a cold start: the same imports.
     ({"ORCH_WARM": "worker-cold", "RAY_JOB_ID": "ffffffff"}, "torch ray.train ray.train.torch lightning.pytorch warmed"),
     ({"ORCH_WARM": "worker", "RAY_JOB_ID": "03000000"}, ""),  # started for a running job: it imports what it needs
     ({"RAY_JOB_ID": "ffffffff"}, ""),  # someone else's prestarted process (Ray's own, another project)
