@@ -94,6 +94,7 @@ class MetricRelay:
         self._client = None
         self._last_step: dict[tuple[str, str], int] = {}  # (run, metric) -> the highest step logged
         self._stop = threading.Event()
+        self._draining = threading.Lock()  # stop()'s last pass and a thread that outlived its join never race
         self._failing_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="orch-metric-relay", daemon=True)
 
@@ -136,6 +137,10 @@ class MetricRelay:
 
     def drain_once(self) -> bool:
         """Log every batch waiting now; False when MLflow refused one (it and the later ones stay for next time)."""
+        with self._draining:
+            return self._drain()
+
+    def _drain(self) -> bool:
         kv = _kv()
         keys = kv.internal_kv_keys(self.prefix.encode(), NAMESPACE, timeout=self.rpc_timeout_s)
         if not keys:
