@@ -14,8 +14,11 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from orchestrator import gcs_kv
+from orchestrator.gcs_kv import NAMESPACE
 
-BOARD_NAMESPACE = "orch"
+
+BOARD_NAMESPACE = NAMESPACE.decode()
 BOARD_ROOT = "board/"  # every board's keys: board/<Ray job id of its driver>/<board id>/...
 log = logging.getLogger(__name__)
 
@@ -130,12 +133,7 @@ class ProgressBoard:
 
     @staticmethod
     def _client():
-        from ray.experimental.internal_kv import internal_kv_get_gcs_client
-
-        client = internal_kv_get_gcs_client()
-        if client is None:
-            raise RuntimeError("the progress board needs Ray: this process is not connected to a Ray cluster")
-        return client
+        return gcs_kv.client("the progress board")
 
 
 def sweep_boards_of_finished_jobs(timeout_s: float = 10.0) -> int:

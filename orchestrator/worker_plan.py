@@ -27,9 +27,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from orchestrator import gcs_kv
 from orchestrator.errors import SpecError
-
-NAMESPACE = b"orch"
+from orchestrator.gcs_kv import NAMESPACE
 REQUEST_KEY = b"plan/request"
 STARTED_PREFIX = b"plan/started/"  # + pid: a prestarted process of the cold tier began (before its imports)
 CLAIM_KEY = b"plan/claim"
@@ -181,9 +181,4 @@ def _alive(pid: int) -> bool:
 
 
 def _client():
-    from ray.experimental.internal_kv import internal_kv_get_gcs_client
-
-    client = internal_kv_get_gcs_client()
-    if client is None:
-        raise RuntimeError("not connected to Ray")
-    return client
+    return gcs_kv.client("a worker-planned model")

@@ -26,9 +26,11 @@ import pickle
 import threading
 import time
 
+from orchestrator import gcs_kv
+from orchestrator.gcs_kv import NAMESPACE
+
 log = logging.getLogger(__name__)
 
-NAMESPACE = b"orch"
 _batch_numbers = itertools.count()  # with the time and pid, part of each batch's key (next() is atomic in CPython)
 
 
@@ -39,12 +41,7 @@ def relay_prefix(board) -> str:
 
 
 def _kv():
-    from ray.experimental.internal_kv import internal_kv_get_gcs_client
-
-    client = internal_kv_get_gcs_client()
-    if client is None:
-        raise RuntimeError("the metric relay needs Ray: this process is not connected to a Ray cluster")
-    return client
+    return gcs_kv.client("the metric relay")
 
 
 class RelaySink:
