@@ -165,6 +165,9 @@ def measure_digits(arm: str, ctx: Context) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def digits_prepare(ctx: Context):
+    if "orch_warm" not in ctx.state.get("arms", ("orch_warm",)):  # no warm arm: no cluster beside the others
+        yield
+        return
     with warm_cluster(ctx) as cluster:
         ctx.state["cluster"] = cluster
         try:

@@ -1,7 +1,7 @@
 """Issue 7's benchmarks in one command: every measurement a fresh subprocess, arms interleaved, medians and ratios.
 
 Run (from the repository root, on a quiet machine):
-  .venv/bin/python benchmarks/run.py [--cases step,digits,ddp,tracking] [--repeats 5]
+  .venv/bin/python benchmarks/run.py [--cases step,digits,ddp,tracking] [--repeats 5] [--arms ARM,ARM]
                                      [--out benchmarks/results/latest.json] [--markdown] [--quick]
 Cases (benchmarks/cases.py):
   step      ms per training step of the same model and per-worker batch: plain PyTorch loop, plain Lightning,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"tracking: steps per fit, > its 50 warm-up steps (default {DEFAULTS['tracking_steps']})")
     parser.add_argument("--tracking-workload", default="digits", choices=["digits", "tiny-transformer"])
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one measurement may take")
+    parser.add_argument("--arms", help="only these arms (comma-separated keys, e.g. orch_cold: digits without the "
+                                       "warm arm's cluster beside the other arms); a case's baseline always runs, "
+                                       "and a case none of whose arms is named runs whole")
     args = parser.parse_args(argv)
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -103,10 +107,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown case(s) {', '.join(unknown)}; allowed: {', '.join(CASES)}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    args.arm_names = None
+    if args.arms:
+        args.arm_names = {name.strip() for name in args.arms.split(",") if name.strip()}
+        known = {arm for name in args.case_names for arm in CASES[name].arms}
+        unknown = sorted(args.arm_names - known)
+        if unknown:
+            parser.error(f"unknown arm(s) {', '.join(unknown)} for case(s) {args.cases}; allowed: "
+                         f"{', '.join(sorted(known))}")
     return args
 
 
+def selected(case, arm_names: set[str] | None):
+    """The case with only the chosen arms (and its baseline), its targets and references cut to match; a case
+    none of whose arms was named runs whole."""
+    if arm_names is None or case.whole_case is not None or not arm_names & set(case.arms):
+        return case
+    keep = {arm: label for arm, label in case.arms.items() if arm in arm_names or arm == case.baseline}
+    return dataclasses.replace(case, arms=keep, also_vs=[a for a in case.also_vs if a in keep],
+                               targets=[t for t in case.targets if t.arm in keep
+                                        and (t.reference or case.baseline) in keep])
+
+
 def run_case(case, ctx: Context, rows: list[dict]) -> None:
+    ctx.state["arms"] = set(case.arms)  # prepare() sets up only what the chosen arms use
     with case.prepare(ctx) if case.prepare else contextlib.nullcontext():
         if case.whole_case is not None:
             rows += [{"case": case.name, **row} for row in case.whole_case(ctx)]
@@ -156,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         for name in args.case_names:
-            case, rows = CASES[name], []
+            case, rows = selected(CASES[name], args.arm_names), []
             rounds = "its own rounds" if case.whole_case else f"{args.repeats} round(s) of {len(case.arms)} arms"
             print(f"\n{name}: {rounds} …", flush=True)
             case_error = None
@@ -170,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(text_block(case, case.describe(ctx), result, interrupted)), flush=True)
             if case_error:
                 print(f"  CASE FAILED: {case_error}", flush=True)
-            settings = {k: v for k, v in vars(args).items() if k not in ("out", "cases", "case_names", "markdown")}
+            settings = {k: v for k, v in vars(args).items()
+                        if k not in ("out", "cases", "case_names", "arm_names", "markdown")}
             done[name] = {"date": info["date"], "machine_line": line, "command": command, "settings": settings,
                           "title": case.title, "description": case.describe(ctx), "arms": case.arms,
                           "baseline": case.baseline, "metrics": [asdict(m) for m in case.metrics], "rows": rows,
