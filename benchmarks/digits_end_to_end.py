@@ -1,7 +1,8 @@
-"""Former entry point of the digits end-to-end comparison, kept as a thin wrapper: it is case `digits` of run.py.
+"""Former entry point of the digits end-to-end comparison, kept as a thin wrapper: it is cases `digits` and `digits_warm` of run.py.
 
 Run: .venv/bin/python benchmarks/digits_end_to_end.py [--repeats N] [--epochs E]
-which runs `benchmarks/run.py --cases digits` (plain Lightning DDP, orch cold, orch warm; see run.py).
+which runs `benchmarks/run.py --cases digits,digits_warm` (plain Lightning DDP against orch cold, then against
+orch warm; see run.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     args, rest = parser.parse_known_args()  # anything else goes to run.py as it is
     run = Path(__file__).with_name("run.py")
-    os.execv(sys.executable, [sys.executable, str(run), "--cases", "digits", "--repeats", str(args.repeats),
+    os.execv(sys.executable, [sys.executable, str(run), "--cases", "digits,digits_warm", "--repeats", str(args.repeats),
                               "--epochs", str(args.epochs), *rest])
 
 

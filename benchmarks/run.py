@@ -1,14 +1,16 @@
 """Issue 7's benchmarks in one command: every measurement a fresh subprocess, arms interleaved, medians and ratios.
 
 Run (from the repository root, on a quiet machine):
-  .venv/bin/python benchmarks/run.py [--cases step,digits,ddp,tracking] [--repeats 5] [--arms ARM,ARM]
+  .venv/bin/python benchmarks/run.py [--cases step,digits,digits_warm,ddp,tracking] [--repeats 5] [--arms ARM,ARM]
                                      [--out benchmarks/results/latest.json] [--markdown] [--quick]
 Cases (benchmarks/cases.py):
   step      ms per training step of the same model and per-worker batch: plain PyTorch loop, plain Lightning,
             `orch submit` with 1 worker; the per-step losses must agree to 5 decimals.
-  digits    jobs/digits.yaml with 2 workers: plain Lightning DDP (2 processes), `orch submit` cold (Ray started by
-            the command) and warm (a local cluster `orch cluster up --local` started once for the case): time from
-            process start to the first optimizer step with its phases, wall time, val/acc.
+  digits    jobs/digits.yaml with 2 workers: plain Lightning DDP (2 processes) and `orch submit` cold (Ray started by
+            the command, no other Ray on the machine): time from process start to the first optimizer step with
+            its phases, wall time, val/acc.
+  digits_warm  the same, plain Lightning DDP and `orch submit` warm (a local cluster `orch cluster up --local`
+            started once for the case, up beside both arms).
   ddp       2 workers: torchrun + DistributedDataParallel, torchrun + Lightning DDP, `orch submit` of the step
             model: global samples/s.
   tracking  benchmarks/tracking_overhead.py (its arms interleave inside one process): tracking off / metrics / all.
@@ -78,7 +80,7 @@ def machine_line(m: dict[str, object]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="step,digits,ddp,tracking",
+    parser.add_argument("--cases", default="step,digits,digits_warm,ddp,tracking",
                         help=f"comma-separated, run in this order; of {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each runs every arm once (default 5)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "latest.json",
