@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -105,6 +105,7 @@ class RayCheckpointReporter(pl.Callback):
         self.stopping = False  # a stop was requested: the checkpoint is written, the loop winds down
         self._last_saved_step = -1
         self._pending: tuple[Path, dict[str, Any], float] | None = None
+        self.before_save: Callable[[pl.Trainer], None] | None = None  # FaultGuard: never save non-finite weights
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._send(trainer)
@@ -143,7 +144,9 @@ class RayCheckpointReporter(pl.Callback):
     def _save(self, trainer: pl.Trainer, covered_step: float) -> None:
         if trainer.global_step == self._last_saved_step:
             return
-        self._send(trainer)
+        self._send(trainer)  # (the earlier checkpoint first: it is sound whatever the check below finds)
+        if self.before_save is not None:
+            self.before_save(trainer)
         self._last_saved_step = trainer.global_step
         metrics = {**scalar_metrics(trainer), "epoch": trainer.current_epoch, "step": trainer.global_step}
         # One folder per node under a name all ranks share: Lightning's FSDP broadcasts rank 0's path and

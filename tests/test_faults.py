@@ -200,6 +200,39 @@ def test_a_nonfinite_loss_stops_the_job_or_is_skipped(cluster_env, tmp_path, mig
     assert_complete_series(skip_uri, run.info.run_id)
 
 
+def test_nonfinite_gradients_stop_the_job_before_a_checkpoint_keeps_them(cluster_env, tmp_path, migrated_store):
+    """Under `stop` with DDP the gradients are not read every step (faults.FaultGuard): NaN gradients reach the
+    weights, and the job stops at the next step's loss or at the next checkpoint, whichever comes first, with no
+    checkpoint of NaN weights."""
+    jobs = {}
+    # Step 4's gradients: step 5's loss is NaN on every rank (no checkpoint at 5: every 3 steps).
+    # Step 5's gradients: the checkpoint at step 6 finds the weights NaN before it is written.
+    for name, step in (("loss", 4), ("checkpoint", 5)):
+        folder = tmp_path / name
+        uri = prepared_store(folder, migrated_store)
+        process = start(["submit", "job.yaml", f"checkpoint.storage_path={folder}/ckpt", "failure.max_failures=1",
+                         f"model.init_args.nan_at_step={step}", "model.init_args.nan_rank=1",
+                         "model.init_args.nan_gradients_only=true"],
+                        {**cluster_env, "MLFLOW_TRACKING_URI": uri}, project(folder))
+        jobs[name] = (process, uri)
+    expected = {"loss": "non-finite loss (nan) at step 5 on rank",
+                "checkpoint": "non-finite weights at step 6"}
+    for name, (process, uri) in jobs.items():
+        output = finish(process)
+        assert process.returncode == 1, output
+        assert expected[name] in output
+        (run,) = runs(uri)
+        assert run.info.status == "FAILED" and expected[name] in run.data.tags["orch.error"]
+        assert run.data.tags["orch.attempts"] == "1"  # never retried: it would recur
+        if name == "loss":
+            assert "the weights are non-finite" in run.data.tags["orch.error"]
+        kept = sorted((tmp_path / name / "ckpt").rglob("checkpoint.ckpt"))
+        assert kept, f"no checkpoint kept under {tmp_path / name / 'ckpt'}"  # the step-3 one at least
+        for path in kept:
+            weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            assert all(torch.isfinite(w).all() for w in weights.values()), path
+
+
 def test_exhausted_retries_end_failed_with_each_cause(cluster_env, tracking_uri, tmp_path):
     # One worker, 16 steps per epoch; killed at step 20 on both attempts; max_failures=1 allows one retry.
     result = run_orch(["submit", "job.yaml", f"checkpoint.storage_path={tmp_path}/ckpt", "scaling.num_workers=1",

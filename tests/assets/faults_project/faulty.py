@@ -34,7 +34,8 @@ class NoisyMLP(pl.LightningModule):
 
     def __init__(self, dim: int = 8, hidden: int = 32, lr: float = 0.05, dropout: float = 0.3,
                  sleep_per_step: float = 0.0, kill_at_step: int = -1, kill_rank: int = 0, kill_times: int = 1,
-                 marker: str = "", nan_at_step: int = -1, nan_rank: int = 1, nan_gradients: bool = True):
+                 marker: str = "", nan_at_step: int = -1, nan_rank: int = 1, nan_gradients: bool = True,
+                 nan_gradients_only: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
@@ -52,7 +53,13 @@ class NoisyMLP(pl.LightningModule):
         if self.global_step == h.nan_at_step and self.global_rank == h.nan_rank:
             # nan_gradients=false: a NaN loss whose gradients stay finite, so DDP's averaged gradients give no
             # sign of it and only the ranks' agreement on the loss can stop the other ranks at this step.
-            loss = loss * float("nan") if h.nan_gradients else loss + float("nan")
+            if h.nan_gradients_only:
+                # A finite loss whose gradients are NaN (0 x the infinite slope of sqrt at 0): DDP averages the NaN
+                # into every rank's gradients, and the optimizer step into the weights.
+                weight = self.net[0].weight
+                loss = loss + 0.0 * torch.sqrt(weight - weight.detach()).sum()
+            else:
+                loss = loss * float("nan") if h.nan_gradients else loss + float("nan")
         self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
