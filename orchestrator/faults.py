@@ -202,7 +202,7 @@ class FaultGuard(pl.Callback):
         if mine:
             cause = ""
             if self._gradients_every_step is False and not _weights_finite(trainer.lightning_module):
-                cause = " (the weights are non-finite: a non-finite gradient reached them at the step before)"
+                cause = " (the weights are non-finite: a non-finite gradient reached them at an earlier optimizer step)"
             return f"non-finite loss ({value}) at step {step} on rank {rank}{cause}"
         if ranks_with_bad_loss:
             return f"non-finite loss at step {step} on {ranks_with_bad_loss} other rank(s) (rank {rank}: {value})"
