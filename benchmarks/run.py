@@ -96,9 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"tracking: steps per fit, > its 50 warm-up steps (default {DEFAULTS['tracking_steps']})")
     parser.add_argument("--tracking-workload", default="digits", choices=["digits", "tiny-transformer"])
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one measurement may take")
-    parser.add_argument("--arms", help="only these arms (comma-separated keys, e.g. orch_cold: digits without the "
-                                       "warm arm's cluster beside the other arms); a case's baseline always runs, "
-                                       "and a case none of whose arms is named runs whole")
+    parser.add_argument("--arms", help="only these arms (comma-separated keys, e.g. `--cases step --arms orch`: "
+                                       "plain Lightning against orch); a case's baseline always runs, and a case "
+                                       "none of whose arms is named runs whole")
     args = parser.parse_args(argv)
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
