@@ -1,6 +1,7 @@
 """What tracking costs per training step: the same training with tracking off and on, interleaved in one run.
 
 Run: .venv/bin/python benchmarks/tracking_overhead.py [--rounds 6] [--steps 800] [--workload digits tiny-transformer]
+                                                     [--path relay|direct]
 
 Three arms, each round running all three in a rotating order:
   off      no logger, no tracking callbacks;
@@ -13,6 +14,12 @@ thread, as in a one-CPU Ray worker. Step time is the mean over the steps after a
 (sends, samples) counts in full. For each arm it reports wall time, the CPU time of the whole process and of the
 training thread alone (CPU time is less disturbed by other programs on a busy machine), and the CPU time of
 tracking's background threads. The target is all/off <= 1.01 in wall time; the spread over rounds is the noise.
+
+--path relay (the default) is what a job's workers do: the logger and the sampler hand their batches to a driver
+process through Ray's key-value store (orchestrator/tracking/relay.py), and that process logs them into MLflow;
+here a local Ray is started as `orch submit` starts it, and a second process plays the driver. Every arm runs
+with both up. --path direct: the logger and the sampler talk to MLflow themselves, in this process (what workers
+did before 12-06; an upper bound for the relay path).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -95,7 +104,41 @@ def workload(name: str):
     return TinyLM(), RandomTokens(n=2048, batch_size=16), 10  # the spec's default log_every_n_steps
 
 
-def fit(name: str, steps: int, arm: str, store: str, metric_flush_s: float | None = None) -> dict[str, float]:
+# The driver's side of --path relay: a process joined to this one's Ray that logs what the relay brings, until its
+# standard input closes (what launch.py does for a job, beside its progress display).
+DRIVER = """
+import sys
+from orchestrator.cluster import connect
+connect(sys.argv[1], verbose=False)  # first: it sets Ray's environment (token auth) before Ray is imported
+from orchestrator.tracking.relay import MetricRelay
+relay = MetricRelay(sys.argv[2], sys.argv[3]).start()
+print("relay up", flush=True)
+sys.stdin.read()
+relay.stop(60)
+"""
+
+
+def start_relay(store: str):
+    """A local Ray as `orch submit` starts one, a progress board and a driver process running the metric relay."""
+    from orchestrator.cluster import connect
+
+    connect(None, verbose=False)  # before anything imports Ray: it sets Ray's environment (token auth) first
+    import ray
+
+    from orchestrator.progress import ProgressBoard
+    from orchestrator.tracking.relay import RelaySink, relay_prefix
+
+    board = ProgressBoard(sweep=False)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address,
+                               relay_prefix(board), store], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    if driver.stdout.readline().strip() != "relay up":
+        raise RuntimeError("the driver process running the metric relay did not start")
+    return RelaySink(board), driver
+
+
+def fit(name: str, steps: int, arm: str, store: str, metric_flush_s: float | None = None,
+        relay=None) -> dict[str, float]:
     from mlflow import MlflowClient
 
     from orchestrator.spec import TrackingSpec
@@ -109,16 +152,19 @@ def fit(name: str, steps: int, arm: str, store: str, metric_flush_s: float | Non
     logger = False
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
-    run_id = client.create_run(experiment.experiment_id).info.run_id
+    run = client.create_run(experiment.experiment_id).info
+    run_id = run.run_id
+    if relay is not None:  # as the driver does once the run is open (launch.py): the sampler counts from its start
+        relay.board.update({"run_start_ms": run.start_time, "run_id": run_id})
     if arm != "off":
-        logger = MLflowRunLogger(store, run_id)
+        logger = MLflowRunLogger(store, run_id, relay=relay)
         callbacks.append(EpochCommit())
         if metric_flush_s is not None:  # what-if: the logger's sender flushing less often than it ships with
             from orchestrator.tracking.sender import MetricSender
 
-            logger._sender = MetricSender(store, run_id, interval_s=metric_flush_s)
+            logger._sender = MetricSender(store, run_id, interval_s=metric_flush_s, relay=relay)
     if arm == "all":
-        callbacks += telemetry_callbacks(TrackingSpec(system_metrics_interval=1.0), store, run_id)
+        callbacks += telemetry_callbacks(TrackingSpec(system_metrics_interval=1.0), store, run_id, relay)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
                          log_every_n_steps=log_every, logger=logger, callbacks=callbacks, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False)
@@ -135,6 +181,9 @@ def main() -> None:
                         choices=["digits", "tiny-transformer"])
     parser.add_argument("--metric-flush-s", type=float, default=None,
                         help="what-if: the per-step metrics' sender flushes every N s (default: as shipped)")
+    parser.add_argument("--path", choices=["relay", "direct"], default="relay",
+                        help="how metrics reach MLflow: through a driver process, as in a job (default), or from "
+                             "this process")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in ("lightning", "lightning.pytorch", "mlflow", "alembic"):
@@ -143,17 +192,27 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory() as folder:
         store = f"sqlite:///{folder}/mlflow.db"
-        for name in args.workload:
-            fit(name, WARMUP_STEPS + 20, "all", store)  # first-use costs (imports, store creation) in no arm
-            rounds = []
-            for index in range(args.rounds):
-                order = ARMS[index % 3:] + ARMS[:index % 3]
-                rounds.append({arm: fit(name, args.steps, arm, store, args.metric_flush_s) for arm in order})
-                print(f"{name:16s} round {index + 1}: " + "  ".join(
-                    f"{arm} {rounds[-1][arm]['wall'] * 1e3:.3f} ms" for arm in ARMS)
-                    + f"  all/off {rounds[-1]['all']['wall'] / rounds[-1]['off']['wall']:.4f}", flush=True)
-            report[name] = summarize(name, rounds)
+        relay, driver = start_relay(store) if args.path == "relay" else (None, None)
+        try:
+            for name in args.workload:
+                report[name] = measure(name, args, store, relay)
+        finally:
+            if driver is not None:
+                driver.communicate(timeout=120)  # closes its stdin: the relay drains and stops
+    report["path"] = args.path
     print(json.dumps(report))
+
+
+def measure(name: str, args: argparse.Namespace, store: str, relay) -> dict:
+    fit(name, WARMUP_STEPS + 20, "all", store, relay=relay)  # first-use costs (imports, store) in no arm
+    rounds = []
+    for index in range(args.rounds):
+        order = ARMS[index % 3:] + ARMS[:index % 3]
+        rounds.append({arm: fit(name, args.steps, arm, store, args.metric_flush_s, relay) for arm in order})
+        print(f"{name:16s} round {index + 1}: " + "  ".join(
+            f"{arm} {rounds[-1][arm]['wall'] * 1e3:.3f} ms" for arm in ARMS)
+            + f"  all/off {rounds[-1]['all']['wall'] / rounds[-1]['off']['wall']:.4f}", flush=True)
+    return summarize(name, rounds)
 
 
 def summarize(name: str, rounds: list[dict[str, dict[str, float]]]) -> dict:
