@@ -200,39 +200,31 @@ def digits_warm_prepare(ctx: Context):
             ctx.state.pop("cluster", None)
 
 
-DIGITS_METRICS = [Metric("first_step_s", "first step s"), Metric("wall_s", "wall s"),
-                  Metric("val_acc", "val/acc", 4, ratio=False)]
+def _digits_case(name: str, kind: str, arm: str, label: str, prepare, first_step_limit: float, setting: str) -> Case:
+    """jobs/digits.yaml with 2 workers: plain Lightning DDP against one `orch` arm, first step and wall time."""
+    return Case(
+        name=name,
+        title=f"start-up and end to end, jobs/digits.yaml, 2 workers, {kind}",
+        arms={"plain_ddp": "plain Lightning DDP", arm: label},
+        baseline="plain_ddp",
+        metrics=[Metric("first_step_s", "first step s"), Metric("wall_s", "wall s"),
+                 Metric("val_acc", "val/acc", 4, ratio=False)],
+        measure=measure_digits,
+        prepare=prepare,
+        breakdown=list(PHASES),
+        targets=[Target(arm, "first_step_s", first_step_limit), Target(arm, "wall_s", 1.2)],
+        describe=lambda ctx: f"{ctx.args.epochs} epoch(s); times from process start; {setting}",
+    )
+
 
 # Cold and warm are two cases, each interleaved with its own plain DDP baseline: the warm arm needs a cluster up
 # for the whole case, and a cold arm measured beside that cluster is not cold (digits_cold_prepare).
-DIGITS = Case(
-    name="digits",
-    title="start-up and end to end, jobs/digits.yaml, 2 workers, cold (no Ray running)",
-    arms={"plain_ddp": "plain Lightning DDP", "orch_cold": "orch cold"},
-    baseline="plain_ddp",
-    metrics=DIGITS_METRICS,
-    measure=measure_digits,
-    prepare=digits_cold_prepare,
-    breakdown=list(PHASES),
-    targets=[Target("orch_cold", "first_step_s", 1.5), Target("orch_cold", "wall_s", 1.2)],
-    describe=lambda ctx: (f"{ctx.args.epochs} epoch(s); times from process start; cold: Ray started by the "
-                          f"command, no other Ray on the machine"),
-)
-
-DIGITS_WARM = Case(
-    name="digits_warm",
-    title="start-up and end to end, jobs/digits.yaml, 2 workers, warm (a local cluster already up)",
-    arms={"plain_ddp": "plain Lightning DDP", "orch_warm": "orch warm"},
-    baseline="plain_ddp",
-    metrics=DIGITS_METRICS,
-    measure=measure_digits,
-    prepare=digits_warm_prepare,
-    breakdown=list(PHASES),
-    targets=[Target("orch_warm", "first_step_s", 1.0), Target("orch_warm", "wall_s", 1.2)],
-    describe=lambda ctx: (f"{ctx.args.epochs} epoch(s); times from process start; warm: a local cluster already up "
-                          f"(`orch cluster up --local`) for the whole case, its plain DDP runs included, joined as "
-                          f"a driver, with the warm processes an earlier job on it left"),
-)
+DIGITS = _digits_case("digits", "cold (no Ray running)", "orch_cold", "orch cold", digits_cold_prepare, 1.5,
+                      "cold: Ray started by the command, no other Ray on the machine")
+DIGITS_WARM = _digits_case(
+    "digits_warm", "warm (a local cluster already up)", "orch_warm", "orch warm", digits_warm_prepare, 1.0,
+    "warm: a local cluster already up (`orch cluster up --local`) for the whole case, its plain DDP runs included, "
+    "joined as a driver, with the warm processes an earlier job on it left")
 
 
 # ---------------------------------------------------------------- tracking: benchmarks/tracking_overhead.py

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -131,7 +130,7 @@ def start_relay(store: str):
     board = ProgressBoard(sweep=False)
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address,
                                relay_prefix(board), store], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "token"})
+                              text=True, cwd=REPO)  # inherits the Ray environment connect() set
     if driver.stdout.readline().strip() != "relay up":
         raise RuntimeError("the driver process running the metric relay did not start")
     return RelaySink(board), driver
